@@ -1,8 +1,9 @@
 """Encoding and decoding of wire messages, with one error type for every bad payload.
 
 Each channel's payload type and encoding come from tables here and in contract.topics. Decoding
-accepts JSON or MessagePack whatever the channel prefers (a JSON payload starts with '{'), so a
-debugging operator can publish JSON by hand with mosquitto_pub.
+accepts JSON or MessagePack whatever the channel prefers (every message is a map, and a
+MessagePack map's first byte is one no JSON text starts with), so a debugging operator can
+publish JSON by hand with mosquitto_pub.
 """
 
 from __future__ import annotations
@@ -77,7 +78,7 @@ def encode(message: WireMessage) -> bytes:
 def decode(message_type: type[M], payload: bytes) -> M:
     """Decodes and validates one payload, or raises `DecodeError` naming field, expected, got."""
     what = message_type.__name__
-    is_json = payload.lstrip()[:1] == b"{"
+    is_json = not payload or not (0x80 <= payload[0] <= 0x8F or payload[0] in (0xDE, 0xDF))
     try:
         if is_json:
             decoder = _json_decoders.get(message_type)

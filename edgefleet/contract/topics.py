@@ -115,8 +115,9 @@ class TopicSchema:
     'acme/edgefleet/dev/pi-0001/telemetry'
     >>> s.command("pi-0001", CommandKind.DEPLOY)
     'acme/edgefleet/dev/pi-0001/cmd/deploy'
-    >>> s.parse("acme/edgefleet/dev/pi-0001/cmd/deploy")
-    Topic(channel=<Channel.COMMAND: 'cmd'>, device_id='pi-0001', command=<CommandKind.DEPLOY: 'deploy'>)
+    >>> t = s.parse("acme/edgefleet/dev/pi-0001/cmd/deploy")
+    >>> t.channel.name, t.device_id, t.command.name if t.command else None
+    ('COMMAND', 'pi-0001', 'DEPLOY')
     >>> s.filter(Channel.TELEMETRY)
     'acme/edgefleet/dev/+/telemetry'
     """
