@@ -99,6 +99,27 @@ def hardware_detect(root: Path, probe: bool) -> None:
         sys.exit(2)
 
 
+@hardware.command("survey")
+@click.argument("roots", nargs=-1, required=True,
+                type=click.Path(path_type=Path, file_okay=False, exists=True))
+def hardware_survey(roots: tuple[Path, ...]) -> None:
+    """Match several filesystem roots (device images, fake roots) to profiles in one table."""
+    profiles = load_profiles_or_exit(None)
+    table = Table(title="Profile match per root")
+    for column in ("root", "profile", "accelerator", "why"):
+        table.add_column(column)
+    unknown = 0
+    for root in roots:
+        match = match_profile(read_hardware(root), profiles)
+        unknown += match.profile is None
+        table.add_row(root.name, match.profile.name if match.profile else "[red]unknown[/red]",
+                      match.profile.accelerator.value if match.profile else "",
+                      "; ".join(match.reasons))
+    console().print(table)
+    if unknown:
+        console().print(f"{unknown} root(s) matched no profile: flagged, not guessed.")
+
+
 @main.command("topics")
 @click.option("--root", default="edgefleet", show_default=True, help="Topic root.")
 @click.option("--device", default="+", show_default=True, help="A device id, or + for all.")

@@ -60,6 +60,16 @@ def test_hardware_detect_reports_the_runtimes_that_really_load_here() -> None:
     assert "edgetpu: unavailable" in out  # no Edge TPU on this machine, and it says so
 
 
+def test_hardware_survey_matches_every_committed_fake_root_in_one_table() -> None:
+    roots = sorted(p for p in FAKEROOTS.iterdir() if p.is_dir())
+    code, out = run("hardware", "survey", *map(str, roots))
+    assert code == 0
+    assert "1 root(s) matched no profile" in out  # unknown-riscv
+    for line in out.splitlines():
+        if "coral-usb-rpi4-unflashed" in line:
+            assert "│ coral-usb-rpi4 " in line and "1a6e:089a" in line
+
+
 def test_topics_prints_every_channel_and_command() -> None:
     code, out = run("topics", "--root", "acme", "--device", "pi-1")
     assert code == 0

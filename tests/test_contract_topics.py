@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import doctest
+from pathlib import Path
 
 import pytest
 from hypothesis import given
@@ -103,13 +104,28 @@ def test_agent_subscribes_to_its_own_commands_and_chunks_only() -> None:
     assert subs == {"f/dev/pi-1/cmd/+": 1, "f/dev/pi-1/artifact/chunk": 1}
 
 
-def test_controller_subscribes_to_every_device_channel_optionally_shared() -> None:
+def test_controller_subscribes_to_every_device_channel_and_shares_only_streams() -> None:
     schema = TopicSchema("f")
     plain = dict(schema.controller_subscriptions())
     up = [c for c, s in CHANNELS.items() if s.direction is Direction.FROM_DEVICE]
     assert set(plain) == {schema.filter(c) for c in up}
     shared = dict(schema.controller_subscriptions(share_group="ingest"))
-    assert set(shared) == {f"$share/ingest/{f}" for f in plain}
+    assert set(shared) == {
+        schema.filter(c) if CHANNELS[c].retain else f"$share/ingest/{schema.filter(c)}"
+        for c in up}
+    assert "f/dev/+/presence" in shared and "$share/ingest/f/dev/+/telemetry" in shared
+
+
+def test_the_decision_record_lists_every_channel_and_command_as_the_code_does() -> None:
+    record = (Path(__file__).parents[1] / "docs/decisions/0001-mqtt-topic-tree.md").read_text()
+    for channel, spec in CHANNELS.items():
+        suffix = "/{kind}" if channel is Channel.COMMAND else ""
+        row = next(line for line in record.splitlines()
+                   if line.startswith(f"| `{{root}}/dev/{{id}}/{channel.value}{suffix}` |"))
+        cells = [c.strip() for c in row.split("|")]
+        assert cells[5:7] == [str(spec.qos), "yes" if spec.retain else "no"], row
+    for kind in CommandKind:
+        assert f"| `{kind.value}` |" in record
 
 
 def test_device_acl_lets_a_device_write_up_and_read_down_in_its_own_subtree() -> None:

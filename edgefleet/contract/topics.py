@@ -183,14 +183,20 @@ class TopicSchema:
     def controller_subscriptions(self, share_group: str | None = None) -> list[tuple[str, int]]:
         """What a controller subscribes to: every channel that flows from devices.
 
-        With `share_group`, MQTT v5 shared subscriptions spread the load over several
-        controller processes (``$share/{group}/...``).
+        With `share_group`, MQTT v5 shared subscriptions (``$share/{group}/...``) spread the
+        streams over several controller processes. Retained channels stay plain: the spec says
+        a shared subscription gets no retained messages (brokers differ), and every controller
+        needs the full presence and facts picture; their writes are idempotent upserts.
         """
-        filters = [(self.filter(c), spec.qos) for c, spec in CHANNELS.items()
-                   if spec.direction is Direction.FROM_DEVICE]
-        if share_group is None:
-            return filters
-        return [(f"$share/{share_group}/{f}", qos) for f, qos in filters]
+        filters = []
+        for channel, spec in CHANNELS.items():
+            if spec.direction is not Direction.FROM_DEVICE:
+                continue
+            topic_filter = self.filter(channel)
+            if share_group is not None and not spec.retain:
+                topic_filter = f"$share/{share_group}/{topic_filter}"
+            filters.append((topic_filter, spec.qos))
+        return filters
 
     def device_acl(self) -> list[tuple[str, str]]:
         """Mosquitto ACL patterns (``%u`` = the device's username) for one device's subtree."""
