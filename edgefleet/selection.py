@@ -15,11 +15,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from edgefleet.contract.manifest import BuildMetrics, Runtime, RuntimeRequirement
+from edgefleet.contract.manifest import CPU_TARGETS, BuildMetrics, Runtime, RuntimeRequirement
 from edgefleet.contract.messages import RuntimeFact, VariantKind
 from edgefleet.hardware.profile import HardwareProfile
 
-CPU_TARGETS = frozenset({"cpu", "CPUExecutionProvider"})
 # Without a measured figure a model needs about its weights twice in RAM (weights + arena).
 MEMORY_PER_MODEL_BYTE = 2.0
 

@@ -8,8 +8,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from edgefleet.contract import BuildMetrics, Runtime, RuntimeFact, RuntimeRequirement, VariantKind
+from edgefleet.contract.manifest import CPU_TARGETS
 from edgefleet.hardware import load_profiles
-from edgefleet.selection import CPU_TARGETS, Constraints, VariantCandidate, select_variant
+from edgefleet.selection import Constraints, VariantCandidate, select_variant
 
 PROFILES = load_profiles()
 K = VariantKind

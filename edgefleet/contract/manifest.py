@@ -19,6 +19,10 @@ class Runtime(enum.Enum):
     LITERT = "litert"          # ai-edge-litert, or tflite-runtime on older devices
 
 
+# The plain-CPU target of each runtime; any other target is an accelerator.
+CPU_TARGETS = frozenset({"cpu", "CPUExecutionProvider"})
+
+
 class RuntimeRequirement(msgspec.Struct, frozen=True, kw_only=True):
     """Where the artifact may run: runtime, then targets (providers or delegates) best first.
 
