@@ -1,8 +1,4 @@
-"""The `edgefleet` operator CLI.
-
-Commands read and print; every decision they show comes from the pure core (profile matching,
-variant selection), so what an operator sees is what the controller will do.
-"""
+"""`edgefleet profiles|hardware|topics`: what the fleet's hardware is and how it is matched."""
 
 from __future__ import annotations
 
@@ -10,9 +6,9 @@ import sys
 from pathlib import Path
 
 import click
-from rich.console import Console
 from rich.table import Table
 
+from controller.cli.output import console
 from edgefleet.contract import CHANNEL_TYPES, CHANNELS, COMMAND_TYPES, Channel, TopicSchema
 from edgefleet.hardware import (
     HardwareProfile,
@@ -24,18 +20,7 @@ from edgefleet.hardware import (
 )
 
 
-def console() -> Console:
-    # Made per command so COLUMNS and the terminal in force at call time apply.
-    return Console()
-
-
 @click.group()
-@click.version_option(package_name="edgefleet")
-def main() -> None:
-    """edgefleet: ship optimized ML model variants to fleets of edge devices."""
-
-
-@main.group()
 def profiles() -> None:
     """Hardware profiles: what each kind of device can run."""
 
@@ -63,7 +48,7 @@ def load_profiles_or_exit(directory: Path | None) -> dict[str, HardwareProfile]:
         raise click.ClickException(str(exc)) from None
 
 
-@main.group()
+@click.group()
 def hardware() -> None:
     """Detect and match hardware the way an agent does."""
 
@@ -120,7 +105,7 @@ def hardware_survey(roots: tuple[Path, ...]) -> None:
         console().print(f"{unknown} root(s) matched no profile: flagged, not guessed.")
 
 
-@main.command("topics")
+@click.command("topics")
 @click.option("--root", default="edgefleet", show_default=True, help="Topic root.")
 @click.option("--device", default="+", show_default=True, help="A device id, or + for all.")
 def topics(root: str, device: str) -> None:
