@@ -43,7 +43,7 @@ def test_each_requested_variant_is_filed_with_a_record(
 
 def test_int8_keeps_accuracy_shrinks_and_loads_on_old_runtimes(
         built: tuple[Path, PipelineReport]) -> None:
-    out, report = built
+    out, _ = built
     rows = {row.record.variant_kind: row for row in summarize(load_records(out))}
     int8 = rows[VariantKind.ONNX_INT8]
     assert int8.accuracy_delta_points is not None and int8.accuracy_delta_points >= -0.5

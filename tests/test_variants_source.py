@@ -85,5 +85,5 @@ def test_labels_must_be_integers_and_match_the_samples(tmp_path: Path) -> None:
 def test_a_file_that_is_not_an_npz_is_refused(tmp_path: Path) -> None:
     path = tmp_path / "data.npz"
     path.write_text("not numpy")
-    with pytest.raises(SourceError, match="not a readable .npz file"):
+    with pytest.raises(SourceError, match=r"not a readable \.npz file"):
         load_data(path, load_source(SOURCE))
