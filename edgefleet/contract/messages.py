@@ -68,6 +68,7 @@ class InstallStage(_Lenient):
     ACTIVATED = "activated"
     WATCHING = "watching"
     COMMITTED = "committed"
+    ROLLING_BACK = "rolling-back"
     ROLLED_BACK = "rolled-back"
     REJECTED = "rejected"
     UNKNOWN = "unknown"
