@@ -20,13 +20,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from edgefleet.contract.manifest import CPU_TARGETS, Runtime, RuntimeRequirement
-
-EDGETPU_LIBRARY = "libedgetpu.so.1"
-LITERT_MODULES = ("ai_edge_litert.interpreter", "tflite_runtime.interpreter")
-
-
-class RuntimeUnavailable(RuntimeError):
-    """The model cannot run here: no runtime, or no allowed target loads. Says which and why."""
+from edgefleet.runtimes import RuntimeUnavailable, litert_module, load_edgetpu_delegate
 
 
 class LoadedModel(Protocol):
@@ -132,18 +126,6 @@ def _load_onnx(path: Path, requirement: RuntimeRequirement, threads: int | None,
     return OnnxModel(session, session.get_inputs()[0].name, f"onnxruntime/{running}", reason)
 
 
-def litert_module(import_module: Callable[[str], ModuleType] = importlib.import_module
-                  ) -> ModuleType:
-    """The LiteRT interpreter module: ai-edge-litert if installed, else tflite-runtime."""
-    errors = []
-    for name in LITERT_MODULES:
-        try:
-            return import_module(name)
-        except ImportError as exc:
-            errors.append(f"{name}: {exc}")
-    raise RuntimeUnavailable("litert: unavailable: " + "; ".join(errors))
-
-
 def _load_litert(path: Path, requirement: RuntimeRequirement, threads: int | None,
                  import_module: Callable[[str], ModuleType]) -> LoadedModel:
     module = litert_module(import_module)
@@ -152,9 +134,9 @@ def _load_litert(path: Path, requirement: RuntimeRequirement, threads: int | Non
         delegates: Sequence[Any] = []
         if target == "edgetpu":
             try:
-                delegates = [module.load_delegate(EDGETPU_LIBRARY)]
-            except (OSError, ValueError, RuntimeError) as exc:
-                problems.append(f"edgetpu: unavailable: {exc}".strip())
+                delegates = [load_edgetpu_delegate(module)]
+            except RuntimeUnavailable as exc:
+                problems.append(f"edgetpu: unavailable: {exc}")
                 continue
         elif target not in CPU_TARGETS:
             problems.append(f"{target}: not a LiteRT target")

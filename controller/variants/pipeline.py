@@ -100,7 +100,8 @@ def _build_one(build: BuildFunction, kind: VariantKind, source: SourceModel, dat
         if built.kind is not kind:
             raise BuildError(f"builder for {kind.value} returned a {built.kind.value}")
         progress(kind, "measuring")
-        measured = measure(built.path, built.runtime, data, reference)
+        measured_file, measured_runtime = built.measured_as or (built.path, built.runtime)
+        measured = measure(measured_file, measured_runtime, data, reference)
         sha = sha256_file(built.path)
         file = f"{source.model_name}-v{version}.{kind.value}{built.path.suffix}"
         record = VariantRecord(

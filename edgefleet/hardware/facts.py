@@ -16,8 +16,7 @@ from pathlib import Path
 from types import ModuleType
 
 from edgefleet.contract.messages import HardwareFacts, RuntimeFact
-
-EDGETPU_LIBRARY = "libedgetpu.so.1"
+from edgefleet.runtimes import RuntimeUnavailable, load_edgetpu_delegate
 
 # A /proc or /sys file is small; the cap keeps a root that points somewhere odd from hanging us.
 _MAX_FILE_BYTES = 4 * 1024 * 1024
@@ -201,15 +200,8 @@ def _probe_litert(import_module: ImportModule, load_library: LoadLibrary) -> Run
 
 def _edgetpu_problem(interpreter: ModuleType, load_library: LoadLibrary) -> str | None:
     """Why the Edge TPU delegate does not load through ``interpreter``, or None if it does."""
-    # Loading the library first gives the plain dlopen error and keeps LiteRT's Delegate from
-    # half-constructing, whose __del__ then prints a spurious traceback on every probe.
     try:
-        load_library(EDGETPU_LIBRARY)
-    except OSError as error:
-        return " ".join(str(error).split())
-    try:
-        interpreter.load_delegate(EDGETPU_LIBRARY)
-    except Exception as error:
-        # The library is there but no TPU answered (stick unplugged, driver missing, TPU busy).
-        return " ".join(str(error).split())
+        load_edgetpu_delegate(interpreter, load_library)
+    except RuntimeUnavailable as error:
+        return str(error)
     return None

@@ -24,6 +24,9 @@ class BuiltVariant:
     params: int | None = None
     macs: int | None = None
     log: str = ""                     # tool output worth keeping (the Edge TPU compiler's)
+    # When the artifact needs hardware the build machine lacks (an Edge TPU-compiled model),
+    # the file and runtime that stand in for it in measurement; the notes say so.
+    measured_as: tuple[Path, RuntimeRequirement] | None = None
 
 
 class Builder(Protocol):
