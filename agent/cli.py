@@ -6,7 +6,10 @@ argparse rather than click: the agent's install stays small (see the `agent` ext
 from __future__ import annotations
 
 import argparse
+import logging
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -35,6 +38,42 @@ def facts_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_command(args: argparse.Namespace) -> int:
+    """Run the agent until SIGTERM or SIGINT."""
+    from agent.config import ConfigError, load_config
+
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        config = load_config(args.config)
+    except ConfigError as exc:
+        print(f"edgefleet-agent: {exc}", file=sys.stderr)
+        return 2
+    from agent.service import Agent
+
+    stop = threading.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: stop.set())
+    try:
+        agent = Agent(config)
+    except Exception as exc:  # e.g. an unreadable replay file or state directory
+        print(f"edgefleet-agent: cannot start: {exc}", file=sys.stderr)
+        return 1
+    return agent.run(stop)
+
+
+def install_service_command(args: argparse.Namespace) -> int:
+    """Install the systemd unit and a default config under --root."""
+    from agent.systemd import ServiceInstallError, install_service
+
+    try:
+        install_service(args.root, executable=args.executable, force=args.force)
+    except ServiceInstallError as exc:
+        print(f"edgefleet-agent: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="edgefleet-agent", description=__doc__)
     parser.add_argument("--version", action="version", version=__version__)
@@ -46,6 +85,16 @@ def build_parser() -> argparse.ArgumentParser:
     facts.add_argument("--no-probe", dest="probe", action="store_false",
                        help="skip trying the inference runtimes")
     facts.set_defaults(handler=facts_command)
+    run = commands.add_parser("run", help=run_command.__doc__)
+    run.add_argument("--config", type=Path, required=True, help="the agent's TOML config")
+    run.add_argument("-v", "--verbose", action="store_true")
+    run.set_defaults(handler=run_command)
+    service = commands.add_parser("install-service", help=install_service_command.__doc__)
+    service.add_argument("--root", type=Path, default=Path("/"),
+                         help="install under this root (an image being prepared)")
+    service.add_argument("--executable", help="path of edgefleet-agent in the unit's ExecStart")
+    service.add_argument("--force", action="store_true", help="replace an existing config")
+    service.set_defaults(handler=install_service_command)
     return parser
 
 

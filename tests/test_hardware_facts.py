@@ -13,7 +13,7 @@ from msgspec.structs import replace
 
 from edgefleet.contract.messages import HardwareFacts, RuntimeFact
 from edgefleet.hardware import probe_runtimes, read_hardware
-from edgefleet.hardware.facts import EDGETPU_LIBRARY
+from edgefleet.runtimes import EDGETPU_LIBRARY
 
 FAKEROOTS = Path(__file__).parent / "fakeroots"
 

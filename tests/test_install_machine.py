@@ -26,7 +26,7 @@ OK, FAIL, CANCEL = Event.OK, Event.FAILED, Event.CANCELLED
 
 
 def new() -> InstallRecord:
-    return InstallRecord(command_id="c1", manifest=b"{}", model_name="digits", model_version=2)
+    return InstallRecord(command_id="c1", command=b"{}", model_name="digits", model_version=2)
 
 
 def run(events: list[Event]) -> InstallRecord:
@@ -69,7 +69,7 @@ def test_a_failure_keeps_its_reason_and_where_it_happened() -> None:
 
 @pytest.mark.parametrize("state", list(InstallStage))
 def test_illegal_events_raise_and_change_nothing(state: InstallStage) -> None:
-    record = InstallRecord(command_id="c", manifest=b"", model_name="m", model_version=1,
+    record = InstallRecord(command_id="c", command=b"", model_name="m", model_version=1,
                            state=state)
     for event in Event:
         if (state, event) in TRANSITIONS:
@@ -92,7 +92,7 @@ def test_final_states_have_no_way_out() -> None:
 ])
 def test_recovery_table_for_a_crash_in_every_state(crashed_in: InstallStage,
                                                    resumes_in: InstallStage) -> None:
-    record = InstallRecord(command_id="c", manifest=b"", model_name="m", model_version=1,
+    record = InstallRecord(command_id="c", command=b"", model_name="m", model_version=1,
                            state=crashed_in, entries={crashed_in.value: 1})
     resumed = recover(record)
     assert resumed.state is resumes_in
@@ -104,7 +104,7 @@ def test_recovery_table_for_a_crash_in_every_state(crashed_in: InstallStage,
 def test_every_unlisted_state_resumes_as_a_rollback() -> None:
     for state in InstallStage:
         if state not in RECOVERY:
-            record = InstallRecord(command_id="c", manifest=b"", model_name="m",
+            record = InstallRecord(command_id="c", command=b"", model_name="m",
                                    model_version=1, state=state)
             assert recover(record).state is S.ROLLING_BACK
 

@@ -19,7 +19,7 @@ def test_every_package_in_the_tree_is_listed_in_pyproject() -> None:
     found = {".".join(p.parent.relative_to(ROOT).parts)
              for top in ("agent", "controller", "edgefleet")
              for p in (ROOT / top).rglob("__init__.py")}
-    assert found | {"edgefleet.profiles"} == listed
+    assert found | {"edgefleet.profiles", "edgefleet.systemd"} == listed
 
 
 def test_the_wheel_ships_the_profiles_and_they_load_from_it(tmp_path: Path) -> None:

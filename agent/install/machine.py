@@ -59,6 +59,9 @@ TRANSITIONS: Mapping[tuple[InstallStage, Event], InstallStage] = {
     (S.WATCHING, Event.FAILED): S.ROLLING_BACK,      # errors, NaN, slow, inaccurate
     (S.WATCHING, Event.CANCELLED): S.ROLLING_BACK,
     (S.ROLLING_BACK, Event.OK): S.ROLLED_BACK,
+    # The pointer is restored first; if the previous model then fails to load, that is
+    # reported, but there is nothing older to go back to.
+    (S.ROLLING_BACK, Event.FAILED): S.ROLLED_BACK,
 }
 
 FINAL = frozenset({S.COMMITTED, S.ROLLED_BACK, S.REJECTED})
@@ -89,7 +92,7 @@ class InstallRecord(msgspec.Struct, frozen=True, kw_only=True):
     """One install, as persisted before each action."""
 
     command_id: str
-    manifest: bytes                   # the signed manifest exactly as received
+    command: bytes                    # the deploy command exactly as received (signed manifest)
     model_name: str
     model_version: int
     state: InstallStage = S.RECEIVED

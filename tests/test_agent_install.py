@@ -1,0 +1,242 @@
+"""The agent end to end on a real Mosquitto with real runtimes: installs that commit, manifests
+that must be refused, and new models that must be rolled back, while the old model serves."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import msgspec
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper
+
+from agent.slots import Pointers
+from controller.variants.builders import onnx_int8
+from controller.variants.source import load_data, load_source
+from edgefleet.contract import TopicSchema, VariantKind
+from edgefleet.contract.signing import generate_private_key
+from tests.agent_harness import AgentProcess, agent_config, write_trust
+from tests.broker import MosquittoBroker
+from tests.fleet_peer import FleetPeer
+from tests.variants_helpers import DATA, SOURCE
+
+DEVICE = "x86-test-01"
+
+
+@pytest.fixture(scope="module")
+def int8_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("int8")
+    source = load_source(SOURCE)
+    return onnx_int8.build(source, load_data(DATA, source), out).path
+
+
+@dataclass
+class Fleet:
+    broker: MosquittoBroker
+    peer: FleetPeer
+    agent: AgentProcess
+    state: Path
+
+    def pointers(self) -> Pointers:
+        return msgspec.json.decode((self.state / "models" / "pointers.json").read_bytes(),
+                                   type=Pointers)
+
+    def serving(self, version: int, timeout: float = 20.0) -> None:
+        """Waits for telemetry showing `version` running with inferences."""
+        def ok() -> bool:
+            recent = self.peer.telemetry(DEVICE)[-2:]
+            return any(b.model is not None and b.model.model_version == version
+                       and b.inferences > 0 for b in recent)
+        self.peer.wait(ok, timeout, f"telemetry from version {version}")
+
+
+@pytest.fixture
+def fleet(tmp_path: Path, mosquitto: MosquittoBroker,
+          topic_schema: TopicSchema) -> Iterator[Fleet]:
+    key = generate_private_key()
+    keys = write_trust(tmp_path / "keys", key)
+    state = tmp_path / "state"
+    config = agent_config(tmp_path / "agent.toml", device_id=DEVICE, port=mosquitto.port,
+                          topic_root=topic_schema.root, keys_dir=keys, state_dir=state)
+    peer = FleetPeer(mosquitto.port, topic_schema, key)
+    agent = AgentProcess(config, tmp_path / "agent.log").start()
+    # Commands queue in the device's persistent session, which exists from its first connect.
+    peer.wait(lambda: bool(peer.devices[DEVICE].presence), 20, "the agent's presence")
+    try:
+        yield Fleet(mosquitto, peer, agent, state)
+    finally:
+        agent.stop()
+        peer.close()
+        print(agent.log_text()[-4000:])
+
+
+def deploy_v1(fleet: Fleet) -> None:
+    command = fleet.peer.deploy(DEVICE, fleet.peer.manifest(DEVICE, SOURCE, version=1),
+                                watch_s=1.0)
+    status = fleet.peer.final_status(DEVICE, command)
+    assert status.state.value == "succeeded", status.reason
+    fleet.serving(1)
+
+
+def test_a_deploy_walks_every_stage_and_commits(fleet: Fleet, int8_model: Path) -> None:
+    deploy_v1(fleet)
+    manifest = fleet.peer.manifest(DEVICE, int8_model, version=2, kind=VariantKind.ONNX_INT8)
+    command = fleet.peer.deploy(DEVICE, manifest, watch_s=1.5, min_accuracy=0.9)
+    final = fleet.peer.final_status(DEVICE, command)
+    assert final.state.value == "succeeded", final.reason
+    stages = [s.stage.value for s in fleet.peer.statuses(DEVICE, command) if s.stage]
+    assert stages == ["received", "verified", "downloading", "staged", "smoke-tested",
+                      "activated", "watching", "committed"]
+    fleet.serving(2)
+    pointers = fleet.pointers()
+    assert pointers.current is not None and pointers.current.model_version == 2
+    assert pointers.previous is not None and pointers.previous.model_version == 1
+    batch = fleet.peer.telemetry(DEVICE)[-1]
+    assert batch.accuracy is not None and batch.accuracy > 0.95
+    assert batch.execution == "onnxruntime/CPUExecutionProvider"
+
+
+def _reason(fleet: Fleet, manifest_bytes: bytes) -> str:
+    command = fleet.peer.deploy(DEVICE, manifest_bytes)
+    final = fleet.peer.final_status(DEVICE, command)
+    assert final.state.value == "rejected", final
+    return final.reason
+
+
+def test_bad_manifests_are_rejected_and_the_old_model_keeps_serving(fleet: Fleet,
+                                                                    int8_model: Path) -> None:
+    from edgefleet.contract.signing import sign_manifest
+
+    deploy_v1(fleet)
+    peer = fleet.peer
+    good = peer.manifest(DEVICE, int8_model, version=2, kind=VariantKind.ONNX_INT8)
+    stranger = generate_private_key()
+    obj = msgspec.json.decode(sign_manifest(good, peer.key))
+    tampered = msgspec.json.encode({**obj, "size_bytes": obj["size_bytes"] + 1})
+    cases = {
+        "unsigned": msgspec.json.encode({**obj, "signature": ""}),
+        "unknown-key": sign_manifest(good, stranger),
+        "bad-signature": tampered,
+        "wrong-device": sign_manifest(msgspec.structs.replace(good, device_id="other-01"),
+                                      peer.key),
+        "expired": sign_manifest(peer.manifest(DEVICE, int8_model, version=2,
+                                               expires_in=-1), peer.key),
+        "replayed": sign_manifest(peer.manifest(DEVICE, SOURCE, version=1), peer.key),
+    }
+    for expected, payload in cases.items():
+        assert expected in _reason(fleet, payload), expected
+    fleet.serving(1)
+    assert fleet.pointers().current.model_version == 1  # type: ignore[union-attr]
+
+
+def _model(tmp: Path, name: str, body: list[onnx.NodeProto],
+           inits: list[onnx.TensorProto]) -> Path:
+    graph = helper.make_graph(
+        body, name, [helper.make_tensor_value_info("image", TensorProto.FLOAT, ["N", 1, 8, 8])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 10])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    path = tmp / f"{name}.onnx"
+    onnx.save(model, str(path))
+    return path
+
+
+def nan_model(tmp: Path) -> Path:
+    """Returns NaN for every input: sqrt of a negative number."""
+    weights = np.full((64, 10), -1.0, np.float32)
+    return _model(tmp, "nan", [
+        helper.make_node("Flatten", ["image"], ["flat"]),
+        helper.make_node("Abs", ["flat"], ["pos"]),
+        helper.make_node("MatMul", ["pos", "w"], ["neg"]),
+        helper.make_node("Sub", ["neg", "one"], ["below"]),
+        helper.make_node("Sqrt", ["below"], ["logits"]),
+    ], [onnx.numpy_helper.from_array(weights, "w"),
+        onnx.numpy_helper.from_array(np.ones(1, np.float32), "one")])
+
+
+def constant_model(tmp: Path) -> Path:
+    """Always answers class 0: valid, fast, and about 10% accurate."""
+    weights = np.zeros((64, 10), np.float32)
+    bias = np.zeros(10, np.float32)
+    bias[0] = 1.0
+    return _model(tmp, "constant", [
+        helper.make_node("Flatten", ["image"], ["flat"]),
+        helper.make_node("Gemm", ["flat", "w", "b"], ["logits"]),
+    ], [onnx.numpy_helper.from_array(weights, "w"), onnx.numpy_helper.from_array(bias, "b")])
+
+
+def test_a_model_returning_nan_is_refused_by_the_smoke_test(fleet: Fleet,
+                                                            tmp_path: Path) -> None:
+    deploy_v1(fleet)
+    manifest = fleet.peer.manifest(DEVICE, nan_model(tmp_path), version=2)
+    command = fleet.peer.deploy(DEVICE, manifest)
+    final = fleet.peer.final_status(DEVICE, command)
+    assert final.state.value == "failed" and "NaN" in final.reason
+    assert final.stage is not None and final.stage.value == "rejected"
+    fleet.serving(1)
+
+
+def slow_model(tmp: Path) -> Path:
+    """Correct shape, finite output, but ~300x the demo model's work per inference."""
+    rng = np.random.default_rng(0)
+    square = (rng.standard_normal((512, 512)) / 23).astype(np.float32)
+    nodes = [helper.make_node("Flatten", ["image"], ["flat"]),
+             helper.make_node("MatMul", ["flat", "widen"], ["h0"])]
+    for i in range(48):
+        nodes.append(helper.make_node("MatMul", [f"h{i}", "square"], [f"m{i}"]))
+        nodes.append(helper.make_node("Tanh", [f"m{i}"], [f"h{i + 1}"]))
+    nodes.append(helper.make_node("MatMul", ["h48", "narrow"], ["logits"]))
+    return _model(tmp, "slow", nodes, [
+        onnx.numpy_helper.from_array((rng.standard_normal((64, 512)) / 8).astype(np.float32),
+                                     "widen"),
+        onnx.numpy_helper.from_array(square, "square"),
+        onnx.numpy_helper.from_array(rng.standard_normal((512, 10)).astype(np.float32),
+                                     "narrow")])
+
+
+def test_an_inaccurate_model_is_refused_by_the_smoke_test_floor(fleet: Fleet,
+                                                                tmp_path: Path) -> None:
+    deploy_v1(fleet)
+    manifest = fleet.peer.manifest(DEVICE, constant_model(tmp_path), version=2)
+    command = fleet.peer.deploy(DEVICE, manifest, watch_s=5.0, min_accuracy=0.9)
+    final = fleet.peer.final_status(DEVICE, command)
+    assert final.state.value == "failed" and "below the floor" in final.reason
+    fleet.serving(1)
+
+
+def test_a_much_slower_model_is_rolled_back_in_the_watch_window(fleet: Fleet,
+                                                                tmp_path: Path) -> None:
+    deploy_v1(fleet)
+    fleet.serving(1)
+    # The manifest's build-time p95 is generous, so the smoke test lets it through; the watch
+    # compares live p95 with the previous model's and rolls it back.
+    manifest = fleet.peer.manifest(DEVICE, slow_model(tmp_path), version=2, p95_ms=100.0)
+    command = fleet.peer.deploy(DEVICE, manifest, watch_s=6.0)
+    final = fleet.peer.final_status(DEVICE, command)
+    assert final.state.value == "rolled-back", final.reason
+    assert "p95 latency" in final.reason and "previous model" in final.reason
+    stages = [s.stage.value for s in fleet.peer.statuses(DEVICE, command) if s.stage]
+    assert stages[-3:] == ["watching", "rolling-back", "rolled-back"]
+    fleet.serving(1)
+    assert fleet.pointers().current.model_version == 1  # type: ignore[union-attr]
+    # The same version is not retried automatically.
+    again = fleet.peer.deploy(DEVICE, manifest)
+    final = fleet.peer.final_status(DEVICE, again)
+    assert final.state.value == "rejected" and "not retried automatically" in final.reason
+
+
+def test_malformed_commands_are_answered_and_the_agent_keeps_running(fleet: Fleet) -> None:
+    deploy_v1(fleet)
+    topic = fleet.peer.schema.command(DEVICE, __import__("edgefleet.contract",
+                                                         fromlist=["CommandKind"]).CommandKind.DEPLOY)
+    fleet.peer.send_raw(topic, b'{"type":"deploy","v":1,"command_id":"bad-1","ts":"soon"}')
+    fleet.peer.send_raw(topic, b"\x00\xffnot json at all")
+    status = fleet.peer.final_status(DEVICE, "bad-1", timeout=10)
+    assert status.state.value == "rejected" and "ts" in status.reason
+    time.sleep(1.0)
+    assert fleet.agent.alive
+    fleet.serving(1)
