@@ -89,7 +89,7 @@ class Agent:
             trusted_keys=lambda: trusted_keys(config.trust.keys_dir),
             max_model_bytes=self.profile.limits.max_model_bytes if self.profile else None,
             request_chunks=self._request_chunks, threads=config.inference.threads))
-        self.deploys: queue.Queue[tuple[DeployCommand, bytes]] = queue.Queue()
+        self.deploys_waiting = threading.Event()
         self.telemetry_interval_s = telemetry.interval_s
         self.heartbeat_interval_s = telemetry.heartbeat_interval_s
         self.dropped_inbound = 0
@@ -162,21 +162,25 @@ class Agent:
     def _install_worker(self, stop: threading.Event) -> None:
         self.installer.resume()
         while not stop.is_set():
-            try:
-                command, raw = self.deploys.get(timeout=0.5)
-            except queue.Empty:
-                continue
-            self.installer.run_command(command, raw)
+            if self.installer.run_next() is None:
+                self.deploys_waiting.wait(timeout=0.5)
+                self.deploys_waiting.clear()
             self.forwarder.wake()
 
     # --- inbound ---------------------------------------------------------------------------
 
     def _enqueue(self, item: Inbound | Malformed) -> None:
+        """Called on paho's thread; paho acknowledges the message when this returns."""
         if isinstance(item, Inbound) and isinstance(item.message, ArtifactChunk):
             try:  # chunks go straight to the installer; a full window is re-requested
                 self.installer.chunks.put_nowait(item.message)
             except queue.Full:
                 self.dropped_inbound += 1
+            return
+        if isinstance(item, Inbound) and isinstance(item.message, DeployCommand):
+            if self.installer.enqueue(item.message, encode(item.message)):
+                self.deploys_waiting.set()
+                self.forwarder.wake()
             return
         try:
             self.inbox.put_nowait(item)
@@ -192,10 +196,7 @@ class Agent:
                              f"malformed: {item.reason}")
             return
         message = item.message
-        if isinstance(message, DeployCommand):
-            self.deploys.put((message, encode(message)))
-            self._status(message.command_id, "deploy", CommandState.ACCEPTED, "queued")
-        elif isinstance(message, RollbackCommand):
+        if isinstance(message, RollbackCommand):
             self._rollback(message)
         elif isinstance(message, ShadowCommand):
             threading.Thread(target=self._shadow, args=(message,), name="shadow",

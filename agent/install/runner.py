@@ -46,6 +46,7 @@ from edgefleet.inference import LoadedModel, RuntimeUnavailable, load_model
 log = logging.getLogger(__name__)
 S = InstallStage
 RECORD_KEY = "install"
+QUEUE_KEY = "deploy-queue"     # deploy commands received and not yet started, oldest first
 
 
 class StepFailed(Exception):
@@ -84,17 +85,42 @@ class Installer:
         raw = self.ctx.outbox.get(RECORD_KEY)
         return None if raw is None else msgspec.msgpack.decode(raw, type=InstallRecord)
 
-    def run_command(self, command: DeployCommand, raw_command: bytes) -> InstallRecord:
-        """Starts an install for a deploy command and runs it to a final state."""
+    def enqueue(self, command: DeployCommand, raw_command: bytes) -> bool:
+        """Stores a received deploy durably, with its 'accepted' status, before the broker is
+        acknowledged (paho sends PUBACK when the message callback returns), so a crash cannot
+        lose a command the broker considers delivered. A redelivered command id is ignored."""
+        seen = f"seen:{command.command_id}"
+        with self.ctx.outbox.transaction():
+            if self.ctx.outbox.get(seen) is not None:
+                return False
+            self.ctx.outbox.set(seen, b"1")
+            self._set_queue([*self._queue(), raw_command])
+            self._report(command.command_id, CommandState.ACCEPTED, None, "queued")
+        return True
+
+    def run_next(self) -> InstallRecord | None:
+        """Starts the oldest queued deploy and runs it to a final state."""
         with self._busy:
+            queued = self._queue()
+            if not queued:
+                return None
             self._cancel.clear()
+            command = decode(DeployCommand, queued[0])
             manifest = _peek_manifest(bytes(command.manifest))
-            record = InstallRecord(command_id=command.command_id,
-                                   command=raw_command,
+            record = InstallRecord(command_id=command.command_id, command=queued[0],
                                    model_name=manifest.model_name if manifest else "",
                                    model_version=manifest.model_version if manifest else 0)
-            self._persist(record)
+            with self.ctx.outbox.transaction():   # taken off the queue exactly when it starts
+                self._persist(record)
+                self._set_queue(queued[1:])
             return self._drive(record)
+
+    def _queue(self) -> list[bytes]:
+        raw = self.ctx.outbox.get(QUEUE_KEY)
+        return [] if raw is None else msgspec.msgpack.decode(raw, type=list[bytes])
+
+    def _set_queue(self, queued: list[bytes]) -> None:
+        self.ctx.outbox.set(QUEUE_KEY, msgspec.msgpack.encode(queued))
 
     def resume(self) -> InstallRecord | None:
         """At start-up: continue an install that a restart interrupted, by the recovery table."""
@@ -148,17 +174,22 @@ class Installer:
         final = record.final and not record.outcome_reported
         if final:
             record = msgspec.structs.replace(record, outcome_reported=True)
-        status = CommandStatus(
-            device_id=self.ctx.device_id, command_id=record.command_id, kind="deploy",
-            state=outcome(record) if record.final else CommandState.IN_PROGRESS,
-            ts=self.ctx.clock(), stage=record.state, model_name=record.model_name or None,
-            model_version=record.model_version or None, reason=record.reason)
         with self.ctx.outbox.transaction():
             self.ctx.outbox.set(RECORD_KEY, msgspec.msgpack.encode(record))
             if final or not record.final:
-                self.ctx.outbox.append(
-                    self.ctx.topics.build(Channel.STATUS, self.ctx.device_id), encode(status),
-                    kind="status")
+                self._report(record.command_id,
+                             outcome(record) if record.final else CommandState.IN_PROGRESS,
+                             record, record.reason)
+
+    def _report(self, command_id: str, state: CommandState, record: InstallRecord | None,
+                reason: str) -> None:
+        status = CommandStatus(
+            device_id=self.ctx.device_id, command_id=command_id, kind="deploy", state=state,
+            ts=self.ctx.clock(), stage=record.state if record else None,
+            model_name=(record.model_name or None) if record else None,
+            model_version=(record.model_version or None) if record else None, reason=reason)
+        self.ctx.outbox.append(self.ctx.topics.build(Channel.STATUS, self.ctx.device_id),
+                               encode(status), kind="status")
 
     # --- actions, one per state ------------------------------------------------------------
 
