@@ -8,6 +8,7 @@ ignored setting.
 from __future__ import annotations
 
 import enum
+import math
 import re
 import sys
 from pathlib import Path
@@ -132,7 +133,9 @@ def load_config(path: Path) -> AgentConfig:
 def _paths(kind: type, value: Any) -> Any:
     if kind is Path and isinstance(value, str):
         return Path(value)
-    raise NotImplementedError
+    # msgspec turns a TypeError into a ValidationError naming the field; NotImplementedError
+    # would escape load_config as a traceback.
+    raise TypeError(f"expected a path (a string), got {type(value).__name__}")
 
 
 def _check(path: Path, config: AgentConfig) -> None:
@@ -154,8 +157,18 @@ def _check(path: Path, config: AgentConfig) -> None:
         raise ConfigError(path, "inference.replay_file", "required when source = \"replay\"")
     if source.source is InputSource.DIRECTORY and source.directory is None:
         raise ConfigError(path, "inference.directory", "required when source = \"directory\"")
-    for name, value in (("telemetry.interval_s", config.telemetry.interval_s),
+    telemetry, install = config.telemetry, config.install
+    for name, value in (("telemetry.interval_s", telemetry.interval_s),
+                        ("telemetry.heartbeat_interval_s", telemetry.heartbeat_interval_s),
+                        ("telemetry.outbox_max_rows", telemetry.outbox_max_rows),
+                        ("telemetry.outbox_max_bytes", telemetry.outbox_max_bytes),
+                        ("telemetry.outbox_max_age_s", telemetry.outbox_max_age_s),
                         ("inference.batch_size", source.batch_size),
-                        ("telemetry.max_inflight", config.telemetry.max_inflight)):
-        if value <= 0:
-            raise ConfigError(path, name, f"must be positive, got {value}")
+                        ("telemetry.max_inflight", telemetry.max_inflight),
+                        ("install.chunk_window", install.chunk_window),
+                        ("install.chunk_timeout_s", install.chunk_timeout_s),
+                        ("install.download_timeout_s", install.download_timeout_s),
+                        ("install.smoke_samples", install.smoke_samples)):
+        # Written so that NaN fails too: NaN <= 0 is false, and a NaN interval never fires.
+        if not 0 < value < math.inf:
+            raise ConfigError(path, name, f"must be a positive finite number, got {value}")

@@ -33,6 +33,7 @@ class Forwarder(threading.Thread):
         self._inflight: dict[int, int] = {}       # paho mid -> outbox id, this connection
         self._previous: dict[int, int] = {}       # the same, from the connection before
         self._early: set[int] = set()             # PUBACKs that beat their registration
+        self._publishing = False                  # between link.publish and registering it
         self._acked: list[int] = []               # outbox ids to delete
         self._generation = 0                      # bumped on every (re)connect
         self._halt = threading.Event()
@@ -60,7 +61,11 @@ class Forwarder(threading.Thread):
             if message_id is None:
                 message_id = self._previous.pop(mid, None)
             if message_id is None:
-                self._early.add(mid)
+                # Unknown outside a publish of ours: a PUBACK for the link's own publishes
+                # (birth, heartbeat, chunk request). Kept, it would ack the later message that
+                # reuses its mid once paho's 16-bit ids wrap, before the broker has it.
+                if self._publishing:
+                    self._early.add(mid)
             else:
                 self._acked.append(message_id)
         self._wakeup.set()
@@ -94,15 +99,16 @@ class Forwarder(threading.Thread):
                 self._wakeup.wait(timeout=0.5)
                 continue
             for message in batch:
+                with self._lock:
+                    self._publishing = True
                 mid = self.link.publish(Outgoing(message.topic, message.payload, message.qos,
                                                  message.retain))
-                if mid is None:                    # disconnected meanwhile
-                    break
                 with self._lock:
-                    if generation != self._generation:
-                        break                      # reconnected meanwhile: start over
-                    if mid in self._early:
-                        self._early.discard(mid)
+                    # Only this publish can have been acked early; other mids are not ours.
+                    early, self._early, self._publishing = self._early, set(), False
+                    if mid is None or generation != self._generation:
+                        break                      # disconnected or reconnected meanwhile
+                    if mid in early:
                         self._acked.append(message.id)
                     else:
                         self._inflight[mid] = message.id

@@ -9,6 +9,7 @@ counts an error; the loop keeps going (the install watch decides what that means
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
 from collections import deque
@@ -113,15 +114,22 @@ class InferenceLoop(threading.Thread):
             with self._lock:
                 if self._swap_pending:
                     self._apply_swap()
-                running, shadow = self._running, self._shadow
+                # The shadow's health is taken with it: a batch in flight across set_shadow
+                # is counted for the candidate that ran it, not for the next one.
+                running, shadow, shadow_health = self._running, self._shadow, self.shadow_health
             if running is None:
                 self._halt.wait(0.05)
                 continue
-            batch = self.source.next_batch()
+            try:
+                batch = self.source.next_batch()
+            except Exception as exc:  # a bad input (e.g. drop files of mixed shapes) too
+                log.warning("input source failed: %s", exc)
+                self._halt.wait(0.5)
+                continue
             if batch is None:
                 self._halt.wait(0.05)
                 continue
-            self._infer(running, batch, shadow)
+            self._infer(running, batch, shadow, shadow_health)
             if self.pace_s:
                 self._halt.wait(self.pace_s)
 
@@ -132,40 +140,54 @@ class InferenceLoop(threading.Thread):
         self.health = Health()
         self._swapped.notify_all()
 
-    def _infer(self, running: Running, batch: Batch, shadow: LoadedModel | None) -> None:
+    def _infer(self, running: Running, batch: Batch, shadow: LoadedModel | None,
+               shadow_health: Health) -> None:
         health = self.health
         n = len(batch.x)
         start = time.perf_counter()
+        predicted: np.ndarray | None = None
         try:
             logits = running.model.predict(batch.x)
-            failed = not np.all(np.isfinite(logits))
+            elapsed = time.perf_counter() - start
+            # In here too: an output of the wrong shape is the model's failure, and an
+            # exception out of here would end the thread.
+            _check_shape(logits, n)
+            if _finite(logits):
+                predicted = logits.argmax(axis=1)
         except Exception as exc:  # a broken model must not stop the loop
+            elapsed = time.perf_counter() - start
             log.warning("model %s failed: %s", running.active.artifact_id, exc)
-            logits, failed = None, True
-        per_sample_ms = (time.perf_counter() - start) * 1000 / max(n, 1)
-        predicted = None if failed or logits is None else logits.argmax(axis=1)
-        agreed = self._run_shadow(shadow, batch, predicted)
+        failed = predicted is None
+        per_sample_ms = elapsed * 1000 / max(n, 1)
+        agreed = self._run_shadow(shadow, shadow_health, batch, predicted)
+        # Per batch, not per sample: at batch 1 on a small model, each numpy call on one
+        # element costs a few percent of the inference itself.
+        correct = (None if predicted is None or batch.labels is None
+                   else (predicted == batch.labels).tolist())
+        agreements = None if agreed is None else agreed.tolist()
+        record = self.window.record
         for i in range(n):
-            correct = None
-            if batch.labels is not None and predicted is not None:
-                correct = bool(predicted[i] == batch.labels[i])
-            self.window.record(per_sample_ms, correct=correct,
-                               agreed=None if agreed is None else bool(agreed[i]), error=failed)
-            health.inferences += 1
-            health.errors += failed
-            health.latencies_ms.append(per_sample_ms)
-            if correct is not None:
-                health.labelled += 1
-                health.correct += correct
+            record(per_sample_ms, correct=None if correct is None else correct[i],
+                   agreed=None if agreements is None else agreements[i], error=failed)
+        health.inferences += n
+        if failed:
+            health.errors += n
+        health.latencies_ms.extend([per_sample_ms] * n)
+        if correct is not None:
+            health.labelled += n
+            health.correct += sum(correct)
 
-    def _run_shadow(self, shadow: LoadedModel | None, batch: Batch,
+    def _run_shadow(self, shadow: LoadedModel | None, health: Health, batch: Batch,
                     predicted: np.ndarray | None) -> np.ndarray | None:
         if shadow is None or predicted is None:
             return None
-        health = self.shadow_health
         start = time.perf_counter()
         try:
-            candidate = shadow.predict(batch.x).argmax(axis=1)
+            output = shadow.predict(batch.x)
+            _check_shape(output, len(batch.x))
+            if not _finite(output):
+                raise ValueError("returned NaN or infinity")
+            candidate = output.argmax(axis=1)
         except Exception as exc:
             log.warning("shadow model failed: %s", exc)
             health.errors += len(batch.x)
@@ -181,3 +203,16 @@ class InferenceLoop(threading.Thread):
             health.labelled += len(batch.x)
             health.correct += int((candidate == batch.labels).sum())
         return agreed
+
+
+def _check_shape(output: np.ndarray, n: int) -> None:
+    if output.ndim != 2 or len(output) != n:
+        raise ValueError(f"output of shape {output.shape} is not [{n}, classes]")
+
+
+def _finite(output: np.ndarray) -> bool:
+    """Whether every value is finite. A classifier's few logits are checked in Python, where
+    np.isfinite(...).all() costs more than the check is worth."""
+    if output.size <= 64:
+        return all(map(math.isfinite, output.ravel().tolist()))
+    return bool(np.isfinite(output).all())

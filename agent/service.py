@@ -93,6 +93,7 @@ class Agent:
         self.telemetry_interval_s = telemetry.interval_s
         self.heartbeat_interval_s = telemetry.heartbeat_interval_s
         self.dropped_inbound = 0
+        self.shadowing = threading.Lock()
 
     # --- start-up and the control loop -------------------------------------------------------
 
@@ -121,7 +122,11 @@ class Agent:
                         uptime_s=now - self.started))
                     next_heartbeat = now + self.heartbeat_interval_s
                 if now >= next_pet:
-                    self.notifier.watchdog()
+                    # A dead inference thread is a dead agent: stop petting, systemd restarts.
+                    if self.loop.is_alive():
+                        self.notifier.watchdog()
+                    else:
+                        log.error("the inference loop died; withholding the watchdog")
                     next_pet = now + pet_every
                 timeout = max(0.01, min(next_window, next_heartbeat, next_pet) - now)
                 with contextlib.suppress(queue.Empty):
@@ -199,6 +204,10 @@ class Agent:
         if isinstance(message, RollbackCommand):
             self._rollback(message)
         elif isinstance(message, ShadowCommand):
+            if not self.shadowing.acquire(blocking=False):
+                self._status(message.command_id, "shadow", CommandState.REJECTED,
+                             "another shadow run is in progress")
+                return
             threading.Thread(target=self._shadow, args=(message,), name="shadow",
                              daemon=True).start()
         elif isinstance(message, ConfigCommand):
@@ -231,6 +240,12 @@ class Agent:
                      f"now running {self._describe_model()}: {command.reason}")
 
     def _shadow(self, command: ShadowCommand) -> None:
+        try:
+            self._run_shadow(command)
+        finally:
+            self.shadowing.release()
+
+    def _run_shadow(self, command: ShadowCommand) -> None:
         """Runs a candidate beside the active model and reports agreement and latency."""
         try:
             manifest = verify_manifest(bytes(command.manifest),

@@ -9,7 +9,9 @@ and can cancel it (a rollback command).
 from __future__ import annotations
 
 import logging
+import os
 import queue
+import signal
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -47,6 +49,8 @@ log = logging.getLogger(__name__)
 S = InstallStage
 RECORD_KEY = "install"
 QUEUE_KEY = "deploy-queue"     # deploy commands received and not yet started, oldest first
+# Test-only: the install state (its value) after whose commit the agent SIGKILLs itself.
+CRASH_AT_ENV = "EDGEFLEET_TEST_CRASH_AT"
 
 
 class StepFailed(Exception):
@@ -101,18 +105,22 @@ class Installer:
     def run_next(self) -> InstallRecord | None:
         """Starts the oldest queued deploy and runs it to a final state."""
         with self._busy:
-            queued = self._queue()
-            if not queued:
-                return None
-            self._cancel.clear()
-            command = decode(DeployCommand, queued[0])
-            manifest = _peek_manifest(bytes(command.manifest))
-            record = InstallRecord(command_id=command.command_id, command=queued[0],
-                                   model_name=manifest.model_name if manifest else "",
-                                   model_version=manifest.model_version if manifest else 0)
+            # The queue is read inside the transaction that shortens it: read before it, a
+            # deploy that paho's thread enqueued meanwhile would be written out of the queue
+            # (and, being marked seen, ignored when redelivered).
             with self.ctx.outbox.transaction():   # taken off the queue exactly when it starts
-                self._persist(record)
+                queued = self._queue()
+                if not queued:
+                    return None
+                self._cancel.clear()
+                command = decode(DeployCommand, queued[0])
+                manifest = _peek_manifest(bytes(command.manifest))
+                record = InstallRecord(command_id=command.command_id, command=queued[0],
+                                       model_name=manifest.model_name if manifest else "",
+                                       model_version=manifest.model_version if manifest else 0)
+                self._save(record)
                 self._set_queue(queued[1:])
+            _crash_if_asked(record.state)
             return self._drive(record)
 
     def _queue(self) -> list[bytes]:
@@ -171,11 +179,21 @@ class Installer:
 
     def _persist(self, record: InstallRecord) -> None:
         """Saves the record and queues its status report in one transaction."""
+        self._save(record)
+        _crash_if_asked(record.state)
+
+    def _save(self, record: InstallRecord) -> None:
+        """`_persist` without the test hook, for a caller that commits a larger transaction."""
         final = record.final and not record.outcome_reported
         if final:
             record = msgspec.structs.replace(record, outcome_reported=True)
         with self.ctx.outbox.transaction():
             self.ctx.outbox.set(RECORD_KEY, msgspec.msgpack.encode(record))
+            if final and record.state is S.COMMITTED:
+                # The version floor rises with the commit, in its transaction: set before it, a
+                # crash would roll the model back and leave the floor at the version refused.
+                self.ctx.outbox.set(f"accepted:{record.model_name}",
+                                    str(record.model_version).encode())
             if final or not record.final:
                 self._report(record.command_id,
                              outcome(record) if record.final else CommandState.IN_PROGRESS,
@@ -342,9 +360,6 @@ class Installer:
                  health.accuracy)
         if health.inferences == 0 and isinstance(self.ctx.source, ReplaySource):
             raise StepFailed("no inference completed in the watch window")
-        manifest = self._manifest()
-        self.ctx.outbox.set(f"accepted:{manifest.model_name}",
-                            str(manifest.model_version).encode())
 
     def _roll_back(self, record: InstallRecord) -> None:
         manifest = _peek_manifest(bytes(self._command.manifest)) if self._command else None
@@ -374,6 +389,15 @@ class Installer:
 
 class _Cancelled(Exception):
     pass
+
+
+def _crash_if_asked(state: InstallStage) -> None:
+    """Test hook: with EDGEFLEET_TEST_CRASH_AT=<state value> in the environment, the agent
+    SIGKILLs itself right after that state's record is committed, so the crash tests can stop
+    an install in a chosen state. Call it only after the commit, never inside a transaction."""
+    if os.environ.get(CRASH_AT_ENV) == state.value:
+        log.warning("%s=%s: killing the agent now (test hook)", CRASH_AT_ENV, state.value)
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def _peek_manifest(raw: bytes) -> Manifest | None:
