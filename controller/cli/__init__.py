@@ -8,7 +8,17 @@ from __future__ import annotations
 
 import click
 
+from controller.cli.fleet import (
+    devices,
+    fleet_group,
+    init,
+    models,
+    serve,
+    telemetry,
+    variants_db,
+)
 from controller.cli.hardware import hardware, profiles, topics
+from controller.cli.rollouts import rollouts
 from controller.cli.variants import variants
 
 
@@ -18,5 +28,9 @@ def main() -> None:
     """edgefleet: ship optimized ML model variants to fleets of edge devices."""
 
 
-for command in (profiles, hardware, topics, variants):
+for command in (init, serve, devices, models, rollouts, profiles, hardware, topics, telemetry):
     main.add_command(command)
+main.add_command(fleet_group, "fleet")
+# `variants build|show` work on folders (no database); `variants list` reads the registry.
+variants.add_command(variants_db.commands["list"])
+main.add_command(variants)

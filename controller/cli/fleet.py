@@ -1,0 +1,267 @@
+"""`edgefleet init|serve|devices|models|variants|fleet|telemetry`: the fleet in the database."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+
+import click
+from sqlalchemy import desc, insert, select, text, update
+
+from controller.cli.context import home_option, json_option, open_fleet, show
+from controller.cli.output import console
+from controller.db.engine import DatabaseUnavailable, make_engine
+from controller.db.migrate import upgrade
+from controller.db.schema import (
+    AuditEntry,
+    Device,
+    Model,
+    ModelVersion,
+    Telemetry,
+    Variant,
+)
+from controller.keys import SigningKeyError, create_signing_key
+from controller.mqtt import BrokerUnavailable
+from controller.settings import (
+    BrokerSection,
+    default_settings,
+    resolve_home,
+    write_settings,
+)
+from controller.variants.record import RecordError
+from controller.variants.source import SourceError
+
+
+@click.command()
+@home_option
+@click.option("--database-url", help="Default: SQLite in the home folder.")
+@click.option("--broker-host", default="127.0.0.1", show_default=True)
+@click.option("--broker-port", default=1883, show_default=True, type=int)
+@click.option("--topic-root", default="edgefleet", show_default=True)
+def init(home: Path | None, database_url: str | None, broker_host: str, broker_port: int,
+         topic_root: str) -> None:
+    """Create the controller home: settings, the fleet's signing key, the database."""
+    resolved = resolve_home(home)
+    resolved.mkdir(parents=True, exist_ok=True)
+    settings = default_settings(resolved, database_url,
+                                BrokerSection(host=broker_host, port=broker_port,
+                                              topic_root=topic_root))
+    try:
+        key = create_signing_key(resolved / "keys")
+        db = make_engine(settings.database_url)
+    except (SigningKeyError, DatabaseUnavailable) as exc:
+        raise click.ClickException(str(exc)) from None
+    upgrade(db)
+    db.dispose()
+    path = write_settings(resolved, settings)
+    (resolved / "artifacts").mkdir(exist_ok=True)
+    console().print(f"controller home {resolved}\n  settings  {path}\n  signing key "
+                    f"{key.key_id} (public key: {resolved / 'keys' / 'signing-key.pub.pem'}; "
+                    f"copy it to each device's trusted keys)\n  database  "
+                    f"{settings.database_url}")
+
+
+@click.command()
+@home_option
+@click.option("-v", "--verbose", is_flag=True)
+def serve(home: Path | None, verbose: bool) -> None:
+    """Run the controller: ingest, artifact distribution and rollouts."""
+    from controller.service import Controller
+
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    with open_fleet(home) as fleet:
+        try:
+            controller = Controller(fleet.home, fleet.settings)
+        except SigningKeyError as exc:
+            raise click.ClickException(str(exc)) from None
+        stop = threading.Event()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, lambda *_: stop.set())
+        try:
+            sys.exit(controller.run(stop))
+        except BrokerUnavailable as exc:
+            raise click.ClickException(str(exc)) from None
+
+
+@click.group()
+def devices() -> None:
+    """Devices that announced themselves."""
+
+
+@devices.command("list")
+@home_option
+@json_option
+def devices_list(home: Path | None, as_json: bool) -> None:
+    with open_fleet(home) as fleet, fleet.db.connect() as conn:
+        rows = [dict(r) for r in conn.execute(select(
+            Device.id, Device.profile, Device.hardware_known, Device.online, Device.labels,
+            Device.active_model_name, Device.active_model_version, Device.active_variant_kind,
+            Device.active_execution).order_by(Device.id)).mappings()]
+    show(rows, ["id", "profile", "online", "labels", "active_model_name",
+                "active_model_version", "active_variant_kind", "active_execution"],
+         "Devices", as_json)
+
+
+@devices.command("show")
+@home_option
+@json_option
+@click.argument("device_id")
+def devices_show(home: Path | None, as_json: bool, device_id: str) -> None:
+    with open_fleet(home) as fleet, fleet.db.connect() as conn:
+        row = conn.execute(select(Device.__table__).where(Device.id == device_id)
+                           ).mappings().one_or_none()
+    if row is None:
+        raise click.ClickException(f"unknown device {device_id!r}: see `edgefleet devices "
+                                   "list`")
+    show([dict(row)], list(row.keys()), f"Device {device_id}", as_json)
+
+
+@devices.command("label")
+@home_option
+@click.argument("device_id")
+@click.argument("labels", nargs=-1, required=True)
+def devices_label(home: Path | None, device_id: str, labels: tuple[str, ...]) -> None:
+    """Set labels (key=value; key= removes one)."""
+    parsed = []
+    for label in labels:
+        key, sep, value = label.partition("=")
+        if not sep or not key:
+            raise click.ClickException(f"labels are key=value, got {label!r}")
+        parsed.append((key, value))
+    with open_fleet(home) as fleet, fleet.db.begin() as conn:
+        current = conn.execute(select(Device.labels).where(Device.id == device_id)
+                               ).scalar_one_or_none()
+        if current is None and not conn.execute(
+                select(Device.id).where(Device.id == device_id)).first():
+            raise click.ClickException(f"unknown device {device_id!r}")
+        merged = dict(current or {})
+        for key, value in parsed:
+            if value:
+                merged[key] = value
+            else:
+                merged.pop(key, None)
+        conn.execute(update(Device).where(Device.id == device_id).values(labels=merged))
+        conn.execute(insert(AuditEntry).values(ts=time.time(), actor="operator",
+                                               action="device.label", subject=device_id,
+                                               detail={"labels": merged}))
+    console().print(f"{device_id}: {merged}")
+
+
+@click.group()
+def models() -> None:
+    """Models and their versions."""
+
+
+@models.command("add")
+@home_option
+@click.argument("source", type=click.Path(path_type=Path))
+@click.option("--data", "data_path", required=True, type=click.Path(path_type=Path))
+@click.option("--name", help="Model name (default: from the ONNX metadata).")
+@click.option("--version", "version", type=click.IntRange(min=1), help="Default: next.")
+@click.option("--only", multiple=True, help="Build only these variant kinds.")
+def models_add(home: Path | None, source: Path, data_path: Path, name: str | None,
+               version: int | None, only: tuple[str, ...]) -> None:
+    """Build the variants of SOURCE with the pipeline and register them."""
+    from controller.registry import RegistryError, register_model
+
+    with open_fleet(home) as fleet:
+        try:
+            result = register_model(fleet.db, fleet.home / "artifacts", source, data_path,
+                                    name=name, version=version, only=only,
+                                    progress=lambda kind, what: console().print(
+                                        f"  {kind.value:<18} {what}"))
+        except (SourceError, RecordError, RegistryError) as exc:
+            raise click.ClickException(str(exc)) from None
+    console().print(f"registered {result.model_name} v{result.version}: "
+                    f"{len(result.variants)} variants" + (
+                        f", {len(result.failures)} failed" if result.failures else ""))
+    for failure in result.failures:
+        console().print(f"[red]{failure}[/red]")
+    if result.failures:
+        sys.exit(1)
+
+
+@models.command("list")
+@home_option
+@json_option
+def models_list(home: Path | None, as_json: bool) -> None:
+    with open_fleet(home) as fleet, fleet.db.connect() as conn:
+        rows = [dict(r) for r in conn.execute(
+            select(Model.name, ModelVersion.version, ModelVersion.source_sha256,
+                   ModelVersion.created_at)
+            .join(ModelVersion, ModelVersion.model_id == Model.id)
+            .order_by(Model.name, ModelVersion.version)).mappings()]
+    show(rows, ["name", "version", "source_sha256"], "Models", as_json)
+
+
+@click.group()
+def variants_db() -> None:
+    """Registered variants."""
+
+
+@variants_db.command("list")
+@home_option
+@json_option
+@click.option("--model", help="Only this model.")
+def variants_list(home: Path | None, as_json: bool, model: str | None) -> None:
+    with open_fleet(home) as fleet, fleet.db.connect() as conn:
+        query = (select(Variant.id, Model.name.label("model"), ModelVersion.version,
+                        Variant.kind, Variant.artifact_id, Variant.size_bytes,
+                        Variant.accuracy, Variant.latency_p95_ms, Variant.measured_on)
+                 .join(ModelVersion, ModelVersion.id == Variant.model_version_id)
+                 .join(Model, Model.id == ModelVersion.model_id)
+                 .order_by(Model.name, ModelVersion.version, Variant.kind))
+        if model:
+            query = query.where(Model.name == model)
+        rows = [dict(r) for r in conn.execute(query).mappings()]
+    show(rows, ["id", "model", "version", "kind", "size_bytes", "accuracy", "latency_p95_ms",
+                "measured_on"], "Variants", as_json)
+
+
+@click.group()
+def fleet_group() -> None:
+    """The fleet at a glance."""
+
+
+@fleet_group.command("status")
+@home_option
+@json_option
+def fleet_status(home: Path | None, as_json: bool) -> None:
+    """One row per device, from the fleet_status view."""
+    with open_fleet(home) as fleet, fleet.db.connect() as conn:
+        rows = [dict(r) for r in conn.execute(text(
+            "SELECT * FROM fleet_status ORDER BY device_id")).mappings()]
+    show(rows, ["device_id", "profile", "online", "model_name", "model_version",
+                "variant_kind", "execution", "p95_ms", "accuracy", "rollout_id",
+                "deployment_state"], "Fleet status", as_json)
+
+
+@click.group()
+def telemetry() -> None:
+    """Telemetry windows."""
+
+
+@telemetry.command("show")
+@home_option
+@json_option
+@click.argument("device_id")
+@click.option("--last", default=10, show_default=True)
+def telemetry_show(home: Path | None, as_json: bool, device_id: str, last: int) -> None:
+    with open_fleet(home) as fleet, fleet.db.connect() as conn:
+        if not conn.execute(select(Device.id).where(Device.id == device_id)).first():
+            raise click.ClickException(f"unknown device {device_id!r}")
+        rows = [dict(r) for r in conn.execute(
+            select(Telemetry.seq, Telemetry.window_end, Telemetry.model_version,
+                   Telemetry.variant_kind, Telemetry.execution, Telemetry.inferences,
+                   Telemetry.errors, Telemetry.p95_ms, Telemetry.accuracy,
+                   Telemetry.cpu_percent, Telemetry.rss_mb)
+            .where(Telemetry.device_id == device_id)
+            .order_by(desc(Telemetry.window_end)).limit(last)).mappings()]
+    show(rows, ["seq", "model_version", "variant_kind", "execution", "inferences", "errors",
+                "p95_ms", "accuracy", "cpu_percent", "rss_mb"], f"Telemetry of {device_id}",
+         as_json)
