@@ -46,7 +46,9 @@ def rollouts() -> None:
 @click.option("--rate", "rate", type=int, help="Devices started per minute at most.")
 @click.option("--soak", "soak_s", default=0.0, show_default=True, help="Seconds before gates.")
 @click.option("--max-latency-ratio", type=float, help="Gate: new p95 / old p95 at most.")
-@click.option("--min-accuracy", type=float, help="Gate and agent floor: on-device accuracy.")
+@click.option("--min-accuracy", type=float, help="Gate: on-device accuracy floor.")
+@click.option("--device-min-accuracy", type=float,
+              help="Each agent's own floor in its smoke test and watch (it rolls back itself).")
 @click.option("--max-accuracy-drop", type=float, help="Gate: points below build accuracy.")
 @click.option("--max-error-rate", type=float, help="Gate: error rate at most.")
 @click.option("--min-samples", default=100, show_default=True, help="Samples per gate.")
@@ -61,7 +63,8 @@ def rollouts_create(home: Path | None, name: str, model_name: str, version: int,
                     profiles: tuple[str, ...], groups: str, success_threshold: float,
                     error_threshold: float, max_retries: int, timeout_s: float | None,
                     rate: int | None, soak_s: float, max_latency_ratio: float | None,
-                    min_accuracy: float | None, max_accuracy_drop: float | None,
+                    min_accuracy: float | None, device_min_accuracy: float | None,
+                    max_accuracy_drop: float | None,
                     max_error_rate: float | None, min_samples: int, gate_timeout: float,
                     on_gate_failure: str, watch_s: float,
                     min_accuracy_variant: float | None) -> None:
@@ -89,7 +92,7 @@ def rollouts_create(home: Path | None, name: str, model_name: str, version: int,
                     target=Target(device_ids=device_ids, labels=label_pairs, profiles=profiles),
                     groups=percentages, config=config, profiles=hardware,
                     constraints=Constraints(min_accuracy=min_accuracy_variant),
-                    watch_s=watch_s, min_accuracy=min_accuracy)
+                    watch_s=watch_s, min_accuracy=device_min_accuracy)
         except (PlanError, ValueError) as exc:
             raise click.ClickException(str(exc)) from None
     console().print(f"created {plan.rollout_id} ({name}): "
