@@ -82,6 +82,8 @@ class InstallConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
     smoke_max_latency_ms: float | None = None       # default: 10x the manifest's p95 + 5 ms
     watch_max_error_rate: float = 0.01
     watch_max_latency_factor: float = 3.0           # p95 against the previous model's
+    watch_min_latency_increase_ms: float = 1.0      # and at least this much slower: sub-ms
+                                                    # p95s jitter by more than 3x on a busy CPU
 
 
 class HardwareConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):

@@ -310,6 +310,9 @@ class Agent:
         self.forwarder.wake()
 
     def _request_chunks(self, request: ChunkRequest) -> None:
+        # Right after a restart the link may still be connecting: wait a little rather than
+        # lose the request and sit out a whole chunk timeout.
+        self.link.wait_connected(timeout=5.0)
         self._publish_now(Channel.CHUNK_REQUEST, request)
 
     def _publish_now(self, channel: Channel, message: Heartbeat | ChunkRequest) -> None:

@@ -415,7 +415,8 @@ def _unhealthy(loop: InferenceLoop, settings: InstallConfig, baseline_p95: float
                 f"exceeds {settings.watch_max_error_rate:.1%}")
     p95 = health.p95_ms()
     if (baseline_p95 and p95 is not None and health.inferences >= 50
-            and p95 > settings.watch_max_latency_factor * baseline_p95):
+            and p95 > settings.watch_max_latency_factor * baseline_p95
+            and p95 - baseline_p95 > settings.watch_min_latency_increase_ms):
         return (f"p95 latency {p95:.2f} ms is over {settings.watch_max_latency_factor:g}x the "
                 f"previous model's {baseline_p95:.2f} ms")
     accuracy = health.accuracy
