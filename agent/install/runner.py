@@ -315,8 +315,9 @@ class Installer:
                     raise StepFailed("returned NaN or infinity on a validation sample")
                 predictions.append(int(out.argmax()))
             p95 = float(np.percentile(latencies, 95))
+            # Build-machine latency is only a hint of a device's: a Pi is many times slower.
             limit = self.ctx.settings.smoke_max_latency_ms or (
-                10 * (manifest.metrics.latency_p95_ms or 10.0) + 5.0)
+                20 * (manifest.metrics.latency_p95_ms or 10.0) + 20.0)
             if p95 > limit:
                 raise StepFailed(f"too slow: p95 {p95:.2f} ms > limit {limit:.2f} ms")
             floor = self._command.min_accuracy if self._command else None

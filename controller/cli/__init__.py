@@ -20,6 +20,7 @@ from controller.cli.fleet import (
 from controller.cli.hardware import hardware, profiles, topics
 from controller.cli.rollouts import rollouts
 from controller.cli.variants import variants
+from controller.demo import demo
 
 
 @click.group()
@@ -34,3 +35,4 @@ main.add_command(fleet_group, "fleet")
 # `variants build|show` work on folders (no database); `variants list` reads the registry.
 variants.add_command(variants_db.commands["list"])
 main.add_command(variants)
+main.add_command(demo)

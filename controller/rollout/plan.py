@@ -116,7 +116,15 @@ def create_rollout(conn: Connection, *, name: str, model_name: str, version: int
             targets.append(DeviceTarget(device_id=device["id"],
                                         variant_id=selection.chosen.variant.variant_id))
         reasons[device["id"]] = why
-    planned = _split(targets, groups)
+    deployable = [t for t in targets if t.variant_id is not None]
+    if not deployable:
+        raise PlanError(f"no targeted device can run {model_name} v{version}: "
+                        + "; ".join(f"{device}: {why}" for device, why in reasons.items()))
+    # Percentages, and so the canary, count the devices that will get the model; the skipped
+    # ones (no variant fits) still get their row, in the last group, where they change nothing.
+    planned = _split(deployable, groups)
+    last_name, last = planned[-1]
+    planned[-1] = (last_name, last + [t for t in targets if t.variant_id is None])
     snapshot = new_rollout(rollout_id, model_name, version, config, planned)
     conn.execute(insert(Rollout).values(
         id=rollout_id, name=name, model_version_id=model_version_id, state="draft",
@@ -150,6 +158,11 @@ def _candidate(v: Any) -> VariantCandidate:
 
 def _targeted(conn: Connection, target: Target) -> list[Any]:
     rows = list(conn.execute(select(Device.__table__).order_by(Device.id)).mappings())
+    # Unknown means not registered; a registered device the other fields leave out is not.
+    missing = set(target.device_ids) - {r["id"] for r in rows}
+    if missing:
+        raise PlanError(f"unknown devices: {', '.join(sorted(missing))}: see `edgefleet "
+                        "devices list`")
     chosen = []
     for row in rows:
         if target.device_ids and row["id"] not in target.device_ids:
@@ -160,21 +173,23 @@ def _targeted(conn: Connection, target: Target) -> list[Any]:
         if any(labels.get(k) != v for k, v in target.labels):
             continue
         chosen.append(row)
-    missing = set(target.device_ids) - {r["id"] for r in chosen}
-    if missing:
-        raise PlanError(f"unknown devices: {', '.join(sorted(missing))}")
+    left_out = set(target.device_ids) - {r["id"] for r in chosen}
+    if left_out:
+        raise PlanError(f"devices {', '.join(sorted(left_out))} do not match the profiles or "
+                        "labels given with them")
     return chosen
 
 
 def _split(targets: list[DeviceTarget], groups: Sequence[float]
            ) -> list[tuple[str, list[DeviceTarget]]]:
-    """Cumulative percentages over the targeted devices; each group gets at least one device
-    when there are enough, so '1,100' on 10 devices gives a canary of one."""
+    """Cumulative percentages over the targeted devices, rounded to the nearest device; each
+    group gets at least one device when there are enough, so '1,100' on 10 devices gives a
+    canary of one."""
     out: list[tuple[str, list[DeviceTarget]]] = []
     taken = 0
     for index, percent in enumerate(groups):
         upto = max(taken + (1 if taken < len(targets) else 0),
-                   math.ceil(len(targets) * percent / 100))
+                   math.floor(len(targets) * percent / 100 + 0.5))
         upto = min(len(targets), upto) if index < len(groups) - 1 else len(targets)
         name = "canary" if index == 0 and len(groups) > 1 else f"group-{index + 1}"
         out.append((name, targets[taken:upto]))
