@@ -102,8 +102,7 @@ def publish(port: int, root: str, devices: list[str], per_device: int, first_seq
     for _ in range(sent):
         if not acked.acquire(timeout=60):
             raise SystemExit("publisher: the broker stopped acknowledging")
-    client.disconnect()
-    client.loop_stop()
+    close(client)
 
 
 def preload(port: int, root: str, devices: int, messages: int, publishers: int,
@@ -142,6 +141,13 @@ def connect(client: mqtt.Client, port: int, connected: threading.Event,
     client.connect(HOST, port, clean_start=False, properties=properties)
 
 
+def close(client: mqtt.Client) -> None:
+    # Stop the loop first: paho's loop_stop() races the loop thread's own exit after a
+    # disconnect (it can find _thread gone mid-call). disconnect() then writes directly.
+    client.loop_stop()
+    client.disconnect()
+
+
 def create_session(port: int, client_id: str, topic_filter: str) -> None:
     client = subscriber(port, client_id, manual_ack=False)
     connected, subscribed = threading.Event(), threading.Event()
@@ -153,8 +159,7 @@ def create_session(port: int, client_id: str, topic_filter: str) -> None:
     client.subscribe(topic_filter, qos=1)
     if not subscribed.wait(10):
         raise SystemExit("no SUBACK")
-    client.disconnect()
-    client.loop_stop()
+    close(client)
 
 
 @dataclass(frozen=True)
@@ -187,8 +192,7 @@ def drain_bare(port: int, client_id: str, messages: int, receive_maximum: int) -
     if not done.wait(600):
         raise SystemExit(f"bare: only {count} of {messages} messages arrived")
     seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
-    client.disconnect()
-    client.loop_stop()
+    close(client)
     return Drain(messages, seconds, cpu)
 
 
@@ -260,8 +264,7 @@ def drain_batching(port: int, client_id: str, messages: int, url: str | None,
     if not done.wait(600):
         raise SystemExit(f"ingest: only {receiver.handled} of {messages} messages handled")
     seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
-    client.disconnect()
-    client.loop_stop()
+    close(client)
     if engine is None:
         return Drain(messages, seconds, cpu, receiver.batches, receiver.stored)
     with engine.connect() as connection:

@@ -10,11 +10,12 @@ import time
 from pathlib import Path
 
 import click
-from sqlalchemy import desc, insert, select, text, update
+from sqlalchemy import desc, exc, insert, select, text, update
 
-from controller.cli.context import home_option, json_option, open_fleet, show
+from controller.cli.context import connect, home_option, json_option, open_fleet, show
 from controller.cli.output import console
-from controller.db.engine import DatabaseUnavailable, make_engine
+from controller.cli.variants import KIND_NAMES
+from controller.db.engine import safe_url
 from controller.db.migrate import upgrade
 from controller.db.schema import (
     AuditEntry,
@@ -24,7 +25,7 @@ from controller.db.schema import (
     Telemetry,
     Variant,
 )
-from controller.keys import SigningKeyError, create_signing_key
+from controller.keys import SIGNING_KEY, SigningKeyError, create_signing_key
 from controller.mqtt import BrokerUnavailable
 from controller.settings import (
     BrokerSection,
@@ -46,17 +47,28 @@ def init(home: Path | None, database_url: str | None, broker_host: str, broker_p
          topic_root: str) -> None:
     """Create the controller home: settings, the fleet's signing key, the database."""
     resolved = resolve_home(home)
+    keys = resolved / "keys"
+    if (keys / SIGNING_KEY).exists():
+        raise click.ClickException(f"{keys / SIGNING_KEY} exists: refusing to replace the "
+                                   "fleet's signing key (this home is initialised already)")
     resolved.mkdir(parents=True, exist_ok=True)
     settings = default_settings(resolved, database_url,
                                 BrokerSection(host=broker_host, port=broker_port,
                                               topic_root=topic_root))
+    # The database first: a home whose database is unreachable gets no key, so init can be
+    # run again once it is reachable, instead of refusing to replace the key it left behind.
+    db = connect(settings.database_url)
     try:
-        key = create_signing_key(resolved / "keys")
-        db = make_engine(settings.database_url)
-    except (SigningKeyError, DatabaseUnavailable) as exc:
-        raise click.ClickException(str(exc)) from None
-    upgrade(db)
-    db.dispose()
+        upgrade(db)
+    except (exc.OperationalError, exc.InterfaceError, exc.ProgrammingError) as error:
+        raise click.ClickException(f"database {safe_url(db.url)}: cannot create the tables: "
+                                   f"{str(error.orig).strip().splitlines()[0]}") from None
+    finally:
+        db.dispose()
+    try:
+        key = create_signing_key(keys)
+    except SigningKeyError as error:
+        raise click.ClickException(str(error)) from None
     path = write_settings(resolved, settings)
     (resolved / "artifacts").mkdir(exist_ok=True)
     console().print(f"controller home {resolved}\n  settings  {path}\n  signing key "
@@ -74,7 +86,7 @@ def serve(home: Path | None, verbose: bool) -> None:
 
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    with open_fleet(home) as fleet:
+    with open_fleet(home, migrate=True) as fleet:
         try:
             controller = Controller(fleet.home, fleet.settings)
         except SigningKeyError as exc:
@@ -163,7 +175,8 @@ def models() -> None:
 @click.option("--data", "data_path", required=True, type=click.Path(path_type=Path))
 @click.option("--name", help="Model name (default: from the ONNX metadata).")
 @click.option("--version", "version", type=click.IntRange(min=1), help="Default: next.")
-@click.option("--only", multiple=True, help="Build only these variant kinds.")
+@click.option("--only", multiple=True, type=click.Choice(KIND_NAMES),
+              help="Build only these variant kinds (repeatable). Default: all.")
 def models_add(home: Path | None, source: Path, data_path: Path, name: str | None,
                version: int | None, only: tuple[str, ...]) -> None:
     """Build the variants of SOURCE with the pipeline and register them."""
@@ -250,7 +263,8 @@ def telemetry() -> None:
 @home_option
 @json_option
 @click.argument("device_id")
-@click.option("--last", default=10, show_default=True)
+@click.option("--last", default=10, show_default=True, type=click.IntRange(min=1),
+              help="How many of the newest windows.")
 def telemetry_show(home: Path | None, as_json: bool, device_id: str, last: int) -> None:
     with open_fleet(home) as fleet, fleet.db.connect() as conn:
         if not conn.execute(select(Device.id).where(Device.id == device_id)).first():

@@ -7,16 +7,18 @@ has one driver and every decision lands in the audit log with its numbers.
 
 from __future__ import annotations
 
+import math
 import time
 from pathlib import Path
 
 import click
-from sqlalchemy import desc, insert, select, text
+from sqlalchemy import Connection, desc, insert, select, text
 
 from controller.cli.context import home_option, json_option, open_fleet, show
 from controller.cli.output import console
 from controller.db.schema import AuditEntry, Rollout, RolloutRequest
-from controller.rollout.model import Gates, OnGateFailure, RolloutConfig
+from controller.rollout.engine import TRANSITIONS, Cause
+from controller.rollout.model import Gates, OnGateFailure, RolloutConfig, RolloutState
 from controller.rollout.plan import PlanError, Target, create_rollout, parse_groups
 from edgefleet.hardware import ProfileError, load_profiles
 from edgefleet.selection import Constraints
@@ -81,6 +83,12 @@ def rollouts_create(home: Path | None, name: str, model_name: str, version: int,
                         error_min_samples=min_samples, timeout_s=gate_timeout),
             on_gate_failure=OnGateFailure(on_gate_failure))
         percentages = parse_groups(groups)
+        # Not the engine's: these travel to the agents (deploy command) and to selection.
+        _within("--device-min-accuracy", device_min_accuracy, 0.0, 1.0)
+        _within("--min-accuracy-variant", min_accuracy_variant, 0.0, 1.0)
+        _within("--watch", watch_s, 0.0, math.inf)
+        if watch_s == 0:  # the command issuer reads 0 as "not set" (60 s)
+            raise PlanError("--watch must be greater than 0 seconds")
         hardware = load_profiles()
     except (ValueError, PlanError, ProfileError) as exc:
         raise click.ClickException(str(exc)) from None
@@ -102,6 +110,11 @@ def rollouts_create(home: Path | None, name: str, model_name: str, version: int,
         console().print(f"  {device_id}: {why}")
 
 
+def _within(option: str, value: float | None, low: float, high: float) -> None:
+    if value is not None and not (math.isfinite(value) and low <= value <= high):
+        raise PlanError(f"{option} must be within {low:g}..{high:g}, got {value!r}")
+
+
 def _label(text_: str) -> tuple[str, str]:
     key, sep, value = text_.partition("=")
     if not sep or not key or not value:
@@ -116,8 +129,11 @@ def _request(home: Path | None, rollout_id: str, action: str, reason: str) -> No
         if state is None:
             raise click.ClickException(f"unknown rollout {rollout_id!r}: see `edgefleet "
                                        "rollouts status`")
-        if state in ("succeeded", "aborted", "failed"):
-            raise click.ClickException(f"{rollout_id} is {state}; nothing to {action}")
+        expected = _after_queued(conn, rollout_id, RolloutState(state))
+        if (expected, Cause(action)) not in TRANSITIONS:
+            why = f"it is {state}" if expected.value == state else (
+                f"it will be {expected.value} once the requests queued before this one apply")
+            raise click.ClickException(f"cannot {action} {rollout_id}: {why}")
         now = time.time()
         conn.execute(insert(RolloutRequest).values(rollout_id=rollout_id, action=action,
                                                    reason=reason, created_at=now))
@@ -126,6 +142,16 @@ def _request(home: Path | None, rollout_id: str, action: str, reason: str) -> No
                                                detail={"reason": reason}))
     console().print(f"{rollout_id}: {action} requested; `edgefleet serve` applies it at its "
                     "next tick")
+
+
+def _after_queued(conn: Connection, rollout_id: str, state: RolloutState) -> RolloutState:
+    """The state the engine's table gives once the requests not yet applied are, so that the
+    request the engine would refuse at its next tick is refused here, where the operator is."""
+    for queued in conn.execute(select(RolloutRequest.action).where(
+            RolloutRequest.rollout_id == rollout_id, RolloutRequest.processed_at.is_(None))
+            .order_by(RolloutRequest.id)).scalars():
+        state = TRANSITIONS.get((state, Cause(queued)), state)
+    return state
 
 
 for _action in ("start", "pause", "resume", "abort"):

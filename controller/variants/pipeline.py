@@ -60,10 +60,11 @@ Progress = Callable[[VariantKind, str], None]
 
 def build_variants(source_path: Path, data_path: Path, out_dir: Path, *,
                    kinds: Sequence[VariantKind] | None = None, model_version: int | None = None,
+                   model_name: str | None = None,
                    progress: Progress = lambda kind, what: None,
                    builders: Mapping[VariantKind, BuildFunction] = BUILDERS) -> PipelineReport:
     """Builds, measures and files the requested variant kinds (all by default)."""
-    source = load_source(source_path)
+    source = load_source(source_path, model_name)
     data = load_data(data_path, source)
     version = model_version or _declared_version(source)
     reference = load_model(source.path, RuntimeRequirement(runtime=Runtime.ONNXRUNTIME),
