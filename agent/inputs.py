@@ -40,9 +40,11 @@ class ReplaySource:
         self._position = 0
 
     def next_batch(self) -> Batch:
-        end = self._position + self.batch_size
-        index = np.arange(self._position, end) % len(self.x)
+        start, end = self._position, self._position + self.batch_size
         self._position = end % len(self.x)
+        if end <= len(self.x):             # the usual case: a view, no copy
+            return Batch(self.x[start:end], None if self.y is None else self.y[start:end])
+        index = np.arange(start, end) % len(self.x)
         return Batch(self.x[index], None if self.y is None else self.y[index])
 
     def samples(self, count: int) -> Batch:

@@ -24,6 +24,8 @@ from edgefleet.inference import LoadedModel
 
 log = logging.getLogger(__name__)
 
+FLUSH_EVERY_S = 0.05
+
 
 @dataclass
 class Health:
@@ -75,6 +77,11 @@ class InferenceLoop(threading.Thread):
         self.shadow_health = Health()
         self._halt = threading.Event()
         self._swapped = threading.Condition(self._lock)
+        # Results awaiting bookkeeping: (logits, labels, per-sample ms), flushed every
+        # FLUSH_EVERY_S and before any swap, so health and telemetry lag by at most that.
+        self._pending: list[tuple[np.ndarray, np.ndarray | None, float]] = []
+        self._flush_at = 0.0
+        self._shadowing: tuple[LoadedModel | None, Health] = (None, self.shadow_health)
 
     @property
     def active(self) -> ActiveModel | None:
@@ -102,36 +109,50 @@ class InferenceLoop(threading.Thread):
     def set_shadow(self, candidate: LoadedModel | None) -> Health:
         with self._lock:
             previous = self.shadow_health
-            self._shadow = candidate
             self.shadow_health = Health()
+            self._shadow = candidate
+            # One tuple, swapped whole: the loop reads the candidate and its health together
+            # without taking the lock on every batch.
+            self._shadowing = (candidate, self.shadow_health)
             return previous
 
     def stop(self) -> None:
         self._halt.set()
 
     def run(self) -> None:
-        while not self._halt.is_set():
-            with self._lock:
-                if self._swap_pending:
+        # The hot path: on a small model at batch 1 every attribute lookup and call here is
+        # a visible share of the inference, so the loop reads shared state without the lock
+        # (single attribute reads) and takes it only to apply a swap.
+        halt, source, infer = self._halt, self.source, self._infer
+        since_flush = 0
+        while not halt.is_set():
+            if self._swap_pending:
+                with self._lock:
+                    self._flush()          # the outgoing model's results go to its own health
                     self._apply_swap()
-                # The shadow's health is taken with it: a batch in flight across set_shadow
-                # is counted for the candidate that ran it, not for the next one.
-                running, shadow, shadow_health = self._running, self._shadow, self.shadow_health
+            running = self._running
+            shadow, shadow_health = self._shadowing
             if running is None:
-                self._halt.wait(0.05)
+                halt.wait(0.05)
                 continue
+            since_flush += 1
+            if shadow is not None or (since_flush >= 16 and time.monotonic() >= self._flush_at):
+                self._flush()
+                since_flush = 0
             try:
-                batch = self.source.next_batch()
+                batch = source.next_batch()
             except Exception as exc:  # a bad input (e.g. drop files of mixed shapes) too
                 log.warning("input source failed: %s", exc)
-                self._halt.wait(0.5)
+                halt.wait(0.5)
                 continue
             if batch is None:
-                self._halt.wait(0.05)
+                self._flush()
+                halt.wait(0.05)
                 continue
-            self._infer(running, batch, shadow, shadow_health)
+            infer(running, batch, shadow, shadow_health)
             if self.pace_s:
-                self._halt.wait(self.pace_s)
+                halt.wait(self.pace_s)
+        self._flush()
 
     def _apply_swap(self) -> None:
         self._running = self._next
@@ -142,40 +163,88 @@ class InferenceLoop(threading.Thread):
 
     def _infer(self, running: Running, batch: Batch, shadow: LoadedModel | None,
                shadow_health: Health) -> None:
-        health = self.health
         n = len(batch.x)
         start = time.perf_counter()
-        predicted: np.ndarray | None = None
         try:
             logits = running.model.predict(batch.x)
             elapsed = time.perf_counter() - start
-            # In here too: an output of the wrong shape is the model's failure, and an
-            # exception out of here would end the thread.
-            _check_shape(logits, n)
-            if _finite(logits):
-                predicted = logits.argmax(axis=1)
         except Exception as exc:  # a broken model must not stop the loop
-            elapsed = time.perf_counter() - start
             log.warning("model %s failed: %s", running.active.artifact_id, exc)
-        failed = predicted is None
-        per_sample_ms = elapsed * 1000 / max(n, 1)
+            self._record_failures(n)
+            return
+        if shadow is None:
+            # The common case does only the inference here: checking, argmax and counting
+            # run vectorised over many batches in _flush (on a small model at batch 1, each
+            # numpy call per batch costs a few percent of the inference itself).
+            self._pending.append((logits, batch.labels, elapsed * 1000 / max(n, 1)))
+            return
+        predicted = _predictions(logits, n)
+        if predicted is None:
+            self._record_failures(n)
+            return
         agreed = self._run_shadow(shadow, shadow_health, batch, predicted)
-        # Per batch, not per sample: at batch 1 on a small model, each numpy call on one
-        # element costs a few percent of the inference itself.
-        correct = (None if predicted is None or batch.labels is None
-                   else (predicted == batch.labels).tolist())
-        agreements = None if agreed is None else agreed.tolist()
-        record = self.window.record
-        for i in range(n):
-            record(per_sample_ms, correct=None if correct is None else correct[i],
-                   agreed=None if agreements is None else agreements[i], error=failed)
-        health.inferences += n
-        if failed:
-            health.errors += n
-        health.latencies_ms.extend([per_sample_ms] * n)
+        correct = None if batch.labels is None else int((predicted == batch.labels).sum())
+        self.window.record_many(np.full(n, elapsed * 1000 / max(n, 1)), errors=0,
+                                labelled=0 if correct is None else n, correct=correct or 0,
+                                compared=0 if agreed is None else n,
+                                agreed=0 if agreed is None else int(agreed.sum()))
+        self._count(n, 0, [elapsed * 1000 / max(n, 1)] * n, correct, n)
+
+    def _flush(self) -> None:
+        """Accounts for the batches run since the last flush, all at once: one concatenate,
+        one finiteness check, one argmax and one label comparison for all of them."""
+        self._flush_at = time.monotonic() + FLUSH_EVERY_S
+        pending, self._pending = self._pending, []
+        if not pending:
+            return
+        width = pending[0][0].shape[-1] if getattr(pending[0][0], "ndim", 0) == 2 else None
+        if width is None or any(getattr(p[0], "ndim", 0) != 2 or p[0].shape[1] != width
+                                for p in pending):
+            for item in pending:           # odd shapes: the slow way, one batch at a time
+                self._flush_one(*item)
+            return
+        logits = np.concatenate([p[0] for p in pending])
+        sizes = np.fromiter((len(p[0]) for p in pending), dtype=np.int64, count=len(pending))
+        latencies = np.repeat(np.fromiter((p[2] for p in pending), dtype=np.float64,
+                                          count=len(pending)), sizes)
+        finite = np.isfinite(logits).all(axis=1)
+        predicted = logits.argmax(axis=1)
+        labelled = correct = 0
+        if all(p[1] is not None for p in pending):
+            labels = np.concatenate([p[1] for p in pending])  # type: ignore[misc]
+            labelled = int(finite.sum())
+            correct = int(((predicted == labels) & finite).sum())
+        errors = int(len(finite) - finite.sum())
+        ok_latencies = latencies[finite] if errors else latencies
+        self.window.record_many(ok_latencies, errors=errors, labelled=labelled, correct=correct)
+        self._count(len(logits), errors, ok_latencies.tolist(),
+                    correct if labelled else None, labelled)
+
+    def _flush_one(self, logits: np.ndarray, labels: np.ndarray | None,
+                   per_sample_ms: float) -> None:
+        n = len(logits) if getattr(logits, "ndim", 0) else 1
+        predicted = _predictions(logits, n)
+        if predicted is None:
+            self._record_failures(n)
+            return
+        correct = None if labels is None else int((predicted == labels).sum())
+        self.window.record_many(np.full(n, per_sample_ms), errors=0,
+                                labelled=0 if correct is None else n, correct=correct or 0)
+        self._count(n, 0, [per_sample_ms] * n, correct, n if correct is not None else 0)
+
+    def _record_failures(self, n: int) -> None:
+        self.window.record_many(np.empty(0), errors=n, labelled=0, correct=0)
+        self._count(n, n, [], None, 0)
+
+    def _count(self, inferences: int, errors: int, latencies: list[float],
+               correct: int | None, labelled: int) -> None:
+        health = self.health
+        health.inferences += inferences
+        health.errors += errors
+        health.latencies_ms.extend(latencies)
         if correct is not None:
-            health.labelled += n
-            health.correct += sum(correct)
+            health.labelled += labelled
+            health.correct += correct
 
     def _run_shadow(self, shadow: LoadedModel | None, health: Health, batch: Batch,
                     predicted: np.ndarray | None) -> np.ndarray | None:
@@ -203,6 +272,17 @@ class InferenceLoop(threading.Thread):
             health.labelled += len(batch.x)
             health.correct += int((candidate == batch.labels).sum())
         return agreed
+
+
+def _predictions(output: np.ndarray, n: int) -> np.ndarray | None:
+    """Top-1 classes, or None when the output is not [n, classes] of finite numbers."""
+    try:
+        _check_shape(output, n)
+        if not _finite(output):
+            return None
+        return np.asarray(output.argmax(axis=1))
+    except Exception:
+        return None
 
 
 def _check_shape(output: np.ndarray, n: int) -> None:

@@ -91,6 +91,32 @@ class TelemetryWindow:
                 self._samples[slot] = latency_ms
             tally.timed += 1
 
+    def record_many(self, latencies_ms: np.ndarray, *, errors: int, labelled: int,
+                    correct: int, compared: int = 0, agreed: int = 0) -> None:
+        """Many inferences at once: `latencies_ms` of the successful ones, counts of the rest.
+        The inference loop calls this every few dozen batches instead of `record` per sample,
+        so the bookkeeping costs one lock and a few array operations per flush."""
+        with self._lock:
+            tally = self._tally
+            tally.inferences += len(latencies_ms) + errors
+            tally.errors += errors
+            tally.labelled += labelled
+            tally.correct += correct
+            tally.compared += compared
+            tally.agreed += agreed
+            if not len(latencies_ms):
+                return
+            tally.max_ms = max(tally.max_ms, float(latencies_ms.max()))
+            free = max(0, len(self._samples) - tally.timed)
+            direct = latencies_ms[:free]
+            self._samples[tally.timed:tally.timed + len(direct)] = direct
+            tally.timed += len(direct)
+            for latency in latencies_ms[free:].tolist():   # reservoir, as in `record`
+                slot = self._random.randrange(tally.timed + 1)
+                if slot < len(self._samples):
+                    self._samples[slot] = latency
+                tally.timed += 1
+
     def close(self, now: float, *, device_id: str, seq: int, model: ActiveModel | None,
               execution: str, resources: Resources | None,
               dropped_windows: int) -> TelemetryBatch:
