@@ -7,8 +7,9 @@ command id; a RollbackDevice becomes a RollbackCommand.
 
 from __future__ import annotations
 
+import functools
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import msgspec
@@ -43,6 +44,9 @@ class CommandIssuer:
         self.chunk_size = chunk_size
         self.manifest_ttl_s = manifest_ttl_s
         self._clock = clock
+        # A registered variant never changes, so a wave of deploys of one variant costs one
+        # query, not one per device (that query was most of the time to issue a command).
+        self._variant = functools.lru_cache(maxsize=256)(self._load_variant)
 
     def __call__(self, action: DeployTo | RollbackDevice, config: dict[str, Any]) -> bool:
         now = self._clock()
@@ -61,13 +65,7 @@ class CommandIssuer:
                              encode(deploy))
 
     def manifest(self, variant_id: int, device_id: str, now: float) -> Manifest:
-        with self.db.connect() as conn:
-            row = conn.execute(
-                select(Variant.__table__, Model.name.label("model_name"),
-                       ModelVersion.version.label("model_version"))
-                .join(ModelVersion, ModelVersion.id == Variant.model_version_id)
-                .join(Model, Model.id == ModelVersion.model_id)
-                .where(Variant.id == variant_id)).mappings().one()
+        row = self._variant(variant_id)
         return Manifest(
             artifact_id=row["artifact_id"], model_name=row["model_name"],
             model_version=row["model_version"], variant_kind=VariantKind(row["kind"]),
@@ -80,3 +78,12 @@ class CommandIssuer:
                                  measured_on=row["measured_on"], params=row["params"],
                                  macs=row["macs"]),
             issued_at=now, expires_at=now + self.manifest_ttl_s, device_id=device_id)
+
+    def _load_variant(self, variant_id: int) -> Mapping[str, Any]:
+        with self.db.connect() as conn:
+            return dict(conn.execute(
+                select(Variant.__table__, Model.name.label("model_name"),
+                       ModelVersion.version.label("model_version"))
+                .join(ModelVersion, ModelVersion.id == Variant.model_version_id)
+                .join(Model, Model.id == ModelVersion.model_id)
+                .where(Variant.id == variant_id)).mappings().one())

@@ -2,7 +2,10 @@
 
 Inbound messages are handed over as (topic, payload) on a bounded queue; when the queue is full
 the paho thread blocks, which stops reading the socket, so the broker buffers for us instead of
-this process dropping anything. Decoding happens in the consumers, in batches. Outbound QoS 1
+this process dropping anything. Decoding happens in the consumers, in batches. Acknowledgement
+is manual: a consumer acks a message only once it is stored, so a controller killed with work
+in its queue gets that work redelivered (the ingest is idempotent on (device, seq)); the MQTT 5
+Receive Maximum we ask for bounds how much may be unacknowledged. Outbound QoS 1
 publishes are bounded by a semaphore released on PUBACK, because paho silently loses QoS 1
 publishes beyond about 65,000 unacknowledged.
 """
@@ -25,6 +28,9 @@ from edgefleet.contract import TopicSchema
 log = logging.getLogger(__name__)
 
 
+RECEIVE_MAXIMUM = 5000
+
+
 class BrokerUnavailable(RuntimeError):
     pass
 
@@ -36,7 +42,7 @@ class BrokerSettings:
     topic_root: str = "edgefleet"
     client_id: str = "edgefleet-controller"
     share_group: str | None = None       # MQTT 5 shared subscription for several controllers
-    session_expiry_s: int = 3600         # the broker keeps our queue while we restart
+    session_expiry_s: int = 3600         # the broker keeps our queue while we restart (alone)
     max_inflight: int = 1000
     inbound_queue: int = 50_000
     username: str | None = None
@@ -47,6 +53,8 @@ class BrokerSettings:
 class Received:
     topic: str
     payload: bytes
+    mid: int = 0
+    qos: int = 0
 
 
 class ControllerLink:
@@ -60,10 +68,12 @@ class ControllerLink:
         self._pending_lock = threading.Lock()
         self._connected = threading.Event()
         client = paho.Client(CallbackAPIVersion.VERSION2, client_id=settings.client_id,
-                             protocol=paho.MQTTv5)
+                             protocol=paho.MQTTv5, manual_ack=True)
         if settings.username:
             client.username_pw_set(settings.username, settings.password)
-        client.max_inflight_messages_set(settings.max_inflight)
+        # Our semaphore is the window. paho's own (when not 0) rescans every unacknowledged
+        # message on each PUBACK, which made a wave of chunk publishes quadratic.
+        client.max_inflight_messages_set(0)
         client.max_queued_messages_set(0)
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
@@ -78,7 +88,15 @@ class ControllerLink:
 
     def start(self, timeout: float = 10.0) -> None:
         properties = Properties(PacketTypes.CONNECT)
-        properties.SessionExpiryInterval = self.settings.session_expiry_s
+        # Unacknowledged deliveries the broker allows us: more than an ingest batch, or the
+        # stream would stall waiting for acks that come only after the batch commits.
+        properties.ReceiveMaximum = RECEIVE_MAXIMUM
+        # In a share group a session kept for a dead member still takes its turn: Mosquitto
+        # queues that member's share of the streams (statuses, chunk requests) for it instead
+        # of handing it to the members still running. So a member's session ends with its
+        # connection, and the others take the whole stream at once.
+        properties.SessionExpiryInterval = (0 if self.settings.share_group
+                                            else self.settings.session_expiry_s)
         try:
             self._client.connect(self.settings.host, self.settings.port, keepalive=30,
                                  clean_start=False, properties=properties)
@@ -145,4 +163,11 @@ class ControllerLink:
 
     def _on_message(self, client: paho.Client, userdata: Any,
                     message: paho.MQTTMessage) -> None:
-        self.inbound.put(Received(message.topic, bytes(message.payload)))
+        self.inbound.put(Received(message.topic, bytes(message.payload), message.mid,
+                                  message.qos))
+
+    def ack(self, items: list[Received]) -> None:
+        """Acknowledges stored messages (QoS 0 needs none)."""
+        for item in items:
+            if item.qos:
+                self._client.ack(item.mid, item.qos)

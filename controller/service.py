@@ -20,7 +20,7 @@ from typing import Any
 from sqlalchemy import select
 
 from controller.commands import CommandIssuer
-from controller.db.engine import make_engine
+from controller.db.engine import DatabaseUnavailable, make_engine
 from controller.db.ingest import (
     FactsWriter,
     HeartbeatWriter,
@@ -99,8 +99,20 @@ class Controller:
                     batch.append(self.link.inbound.get(timeout=timeout))
                 except queue.Empty:
                     break
-            if batch:
-                self.ingest(batch)
+            while batch and not stop.is_set():
+                try:
+                    self.ingest(batch)
+                except DatabaseUnavailable as exc:
+                    # Not acknowledged, so nothing is lost: retry the same batch.
+                    log.error("database unavailable, retrying the batch: %s", exc)
+                    stop.wait(1.0)
+                    continue
+                except Exception:
+                    log.exception("ingest of a batch failed; retrying it")
+                    stop.wait(1.0)
+                    continue
+                self.link.ack(batch)
+                break
 
     def ingest(self, batch: list[Received]) -> None:
         """Routes one batch by channel; each channel's rows go in one transaction."""

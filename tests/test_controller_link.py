@@ -120,3 +120,30 @@ def test_the_chunk_server_clamps_windows_and_refuses_unknown_artifacts(
     finally:
         device.close()
         link.stop()
+
+
+def test_messages_not_yet_acknowledged_are_redelivered_after_a_controller_dies(
+        mosquitto: MosquittoBroker, topic_schema: TopicSchema) -> None:
+    settings = BrokerSettings(port=mosquitto.port, topic_root=topic_schema.root,
+                              client_id=f"ctl-ack-{topic_schema.root[:8]}")
+    first = ControllerLink(settings)
+    first.start()
+    device = connect_client(mosquitto.port)
+    try:
+        for i in range(30):
+            beat = Heartbeat(device_id="pi-1", ts=float(i), uptime_s=float(i))
+            device.publish_and_wait(topic_schema.build(Channel.TELEMETRY, "pi-1"), encode(beat))
+        received = [first.inbound.get(timeout=5) for _ in range(30)]
+        first.ack(received[:10])                      # "stored" the first ten only
+        time.sleep(0.3)
+        first._client._sock_close()                   # dies without a DISCONNECT
+        first._client.loop_stop()
+        second = ControllerLink(settings)
+        second.start()
+        again = [second.inbound.get(timeout=10) for _ in range(20)]
+        assert sorted(decode(Heartbeat, r.payload).ts for r in again) == [
+            float(i) for i in range(10, 30)]
+        second.ack(again)
+        second.stop()
+    finally:
+        device.close()

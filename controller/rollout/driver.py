@@ -279,22 +279,45 @@ class RolloutDriver:
             ts=at, actor="engine", action=action, subject=rollout_id, detail=detail))
 
     def _flush(self, rollout_id: str, outbox: list[Command]) -> int:
-        """Publishes the outbox after the commit, then removes what went out."""
+        """Publishes the outbox after the commit, then removes what went out.
+
+        On PostgreSQL this holds the rollout's advisory lock and publishes the outbox as it
+        stands under the lock: another process that stepped the rollout since our commit found
+        the same commands in the outbox, and publishing outside the lock sent them twice.
+        """
         if not outbox:
             return 0
+        if not self._postgres:
+            sent = self._send(rollout_id, outbox)
+            if sent:
+                with self.db.begin() as conn:
+                    self._remove(conn, rollout_id, sent)
+            return len(sent)
+        with self.db.begin() as conn:
+            if not conn.execute(select(func.pg_try_advisory_xact_lock(
+                    _lock_key(rollout_id)))).scalar():
+                return 0             # whoever holds it publishes what is still there
+            raw = conn.execute(select(Rollout.engine_state).where(
+                Rollout.id == rollout_id).with_for_update()).scalar_one()
+            pending = load_state(raw).outbox
+            sent = self._send(rollout_id, pending) if pending else []
+            if sent:
+                self._remove(conn, rollout_id, sent)
+        return len(sent)
+
+    def _send(self, rollout_id: str, outbox: list[Command]) -> list[Command]:
         with self.db.connect() as conn:
             config = conn.execute(select(Rollout.config).where(
                 Rollout.id == rollout_id)).scalar_one()
-        sent = [a for a in outbox if self._publish(a, config)]
-        if sent:
-            with self.db.begin() as conn:
-                raw = conn.execute(select(Rollout.engine_state).where(
-                    Rollout.id == rollout_id).with_for_update()).scalar_one()
-                state = load_state(raw)
-                state.outbox = [a for a in state.outbox if a not in sent]
-                conn.execute(update(Rollout).where(Rollout.id == rollout_id)
-                             .values(engine_state=dump_state(state)))
-        return len(sent)
+        return [a for a in outbox if self._publish(a, config)]
+
+    def _remove(self, conn: Connection, rollout_id: str, sent: list[Command]) -> None:
+        raw = conn.execute(select(Rollout.engine_state).where(
+            Rollout.id == rollout_id).with_for_update()).scalar_one()
+        state = load_state(raw)
+        state.outbox = [a for a in state.outbox if a not in sent]
+        conn.execute(update(Rollout).where(Rollout.id == rollout_id)
+                     .values(engine_state=dump_state(state)))
 
 
 def _metrics(conn: Connection, device_ids: Iterable[str], condition: Any
