@@ -48,7 +48,7 @@ from edgefleet.contract.signing import generate_private_key
 from tests.agent_harness import AgentProcess, agent_config, write_trust
 from tests.broker import MosquittoBroker, connect_client, find_mosquitto
 from tests.fleet_peer import FleetPeer
-from tests.test_agent_install import slow_model
+from tests.model_builders import slow_model
 from tests.variants_helpers import SOURCE
 
 S = InstallStage

@@ -7,13 +7,11 @@ import time
 from pathlib import Path
 
 import msgspec
-import numpy as np
-import onnx
-from onnx import TensorProto, helper
 
 from edgefleet.contract import CommandKind, VariantKind
 from edgefleet.contract.signing import generate_private_key
 from tests.agent_fleet import DEVICE, Fleet, deploy_v1
+from tests.model_builders import constant_model, nan_model, slow_model
 from tests.variants_helpers import SOURCE
 
 
@@ -68,42 +66,6 @@ def test_bad_manifests_are_rejected_and_the_old_model_keeps_serving(fleet: Fleet
     assert fleet.pointers().current.model_version == 1  # type: ignore[union-attr]
 
 
-def _model(tmp: Path, name: str, body: list[onnx.NodeProto],
-           inits: list[onnx.TensorProto]) -> Path:
-    graph = helper.make_graph(
-        body, name, [helper.make_tensor_value_info("image", TensorProto.FLOAT, ["N", 1, 8, 8])],
-        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 10])], inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    path = tmp / f"{name}.onnx"
-    onnx.save(model, str(path))
-    return path
-
-
-def nan_model(tmp: Path) -> Path:
-    """Returns NaN for every input: sqrt of a negative number."""
-    weights = np.full((64, 10), -1.0, np.float32)
-    return _model(tmp, "nan", [
-        helper.make_node("Flatten", ["image"], ["flat"]),
-        helper.make_node("Abs", ["flat"], ["pos"]),
-        helper.make_node("MatMul", ["pos", "w"], ["neg"]),
-        helper.make_node("Sub", ["neg", "one"], ["below"]),
-        helper.make_node("Sqrt", ["below"], ["logits"]),
-    ], [onnx.numpy_helper.from_array(weights, "w"),
-        onnx.numpy_helper.from_array(np.ones(1, np.float32), "one")])
-
-
-def constant_model(tmp: Path) -> Path:
-    """Always answers class 0: valid, fast, and about 10% accurate."""
-    weights = np.zeros((64, 10), np.float32)
-    bias = np.zeros(10, np.float32)
-    bias[0] = 1.0
-    return _model(tmp, "constant", [
-        helper.make_node("Flatten", ["image"], ["flat"]),
-        helper.make_node("Gemm", ["flat", "w", "b"], ["logits"]),
-    ], [onnx.numpy_helper.from_array(weights, "w"), onnx.numpy_helper.from_array(bias, "b")])
-
-
 def test_a_model_returning_nan_is_refused_by_the_smoke_test(fleet: Fleet,
                                                             tmp_path: Path) -> None:
     deploy_v1(fleet)
@@ -113,24 +75,6 @@ def test_a_model_returning_nan_is_refused_by_the_smoke_test(fleet: Fleet,
     assert final.state.value == "failed" and "NaN" in final.reason
     assert final.stage is not None and final.stage.value == "rejected"
     fleet.serving(1)
-
-
-def slow_model(tmp: Path) -> Path:
-    """Correct shape, finite output, but ~300x the demo model's work per inference."""
-    rng = np.random.default_rng(0)
-    square = (rng.standard_normal((512, 512)) / 23).astype(np.float32)
-    nodes = [helper.make_node("Flatten", ["image"], ["flat"]),
-             helper.make_node("MatMul", ["flat", "widen"], ["h0"])]
-    for i in range(48):
-        nodes.append(helper.make_node("MatMul", [f"h{i}", "square"], [f"m{i}"]))
-        nodes.append(helper.make_node("Tanh", [f"m{i}"], [f"h{i + 1}"]))
-    nodes.append(helper.make_node("MatMul", ["h48", "narrow"], ["logits"]))
-    return _model(tmp, "slow", nodes, [
-        onnx.numpy_helper.from_array((rng.standard_normal((64, 512)) / 8).astype(np.float32),
-                                     "widen"),
-        onnx.numpy_helper.from_array(square, "square"),
-        onnx.numpy_helper.from_array(rng.standard_normal((512, 10)).astype(np.float32),
-                                     "narrow")])
 
 
 def test_an_inaccurate_model_is_refused_by_the_smoke_test_floor(fleet: Fleet,

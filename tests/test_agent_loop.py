@@ -10,9 +10,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
-import onnx
 import pytest
-from onnx import TensorProto, helper
 
 from agent.inputs import Batch, DirectorySource, ReplaySource
 from agent.loop import InferenceLoop
@@ -25,6 +23,13 @@ from edgefleet.contract import (
     VariantKind,
 )
 from edgefleet.inference import LoadedModel, load_model
+from tests.model_builders import (
+    constant_model,
+    nan_model,
+    one_value_model,
+    pairs_model,
+    raising_model,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = ROOT / "artifacts/digits/digits.fp32.onnx"
@@ -41,72 +46,6 @@ def active(version: int, artifact_id: str | None = None) -> ActiveModel:
 def load(path: Path = MODEL) -> LoadedModel:
     return load_model(path, ONNX_CPU, threads=1)
 
-
-def onnx_file(tmp: Path, name: str, nodes: list[onnx.NodeProto],
-              inits: list[onnx.TensorProto], input_shape: list[str | int]) -> Path:
-    graph = helper.make_graph(
-        nodes, name, [helper.make_tensor_value_info("image", TensorProto.FLOAT, input_shape)],
-        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, None)], inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    path = tmp / f"{name}.onnx"
-    onnx.save(model, str(path))
-    return path
-
-
-def nan_model(tmp: Path) -> Path:
-    """Loads and runs, but every output is NaN: sqrt of a negative number."""
-    return onnx_file(tmp, "nan", [
-        helper.make_node("Flatten", ["image"], ["flat"]),
-        helper.make_node("Abs", ["flat"], ["pos"]),
-        helper.make_node("MatMul", ["pos", "w"], ["neg"]),
-        helper.make_node("Sub", ["neg", "one"], ["below"]),
-        helper.make_node("Sqrt", ["below"], ["logits"]),
-    ], [onnx.numpy_helper.from_array(np.full((64, 10), -1.0, np.float32), "w"),
-        onnx.numpy_helper.from_array(np.ones(1, np.float32), "one")], ["N", 1, 8, 8])
-
-
-def raising_model(tmp: Path) -> Path:
-    """Loads, but takes flat [N, 64] inputs: onnxruntime refuses every [N, 1, 8, 8] batch."""
-    return onnx_file(tmp, "raising", [helper.make_node("MatMul", ["image", "w"], ["logits"])],
-                     [onnx.numpy_helper.from_array(np.zeros((64, 10), np.float32), "w")],
-                     ["N", 64])
-
-
-def one_value_model(tmp: Path) -> Path:
-    """Runs, but answers one number per input ([N]), not one score per class ([N, 10])."""
-    graph = helper.make_graph(
-        [helper.make_node("ReduceSum", ["image", "axes"], ["logits"], keepdims=0)], "one",
-        [helper.make_tensor_value_info("image", TensorProto.FLOAT, ["N", 1, 8, 8])],
-        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N"])],
-        [onnx.numpy_helper.from_array(np.array([1, 2, 3], np.int64), "axes")])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    path = tmp / "one.onnx"
-    onnx.save(model, str(path))
-    return path
-
-
-def pairs_model(tmp: Path) -> Path:
-    """Runs, but answers [N, 10, 2]: one more axis than a classifier's scores."""
-    return onnx_file(tmp, "pairs", [
-        helper.make_node("Flatten", ["image"], ["flat"]),
-        helper.make_node("MatMul", ["flat", "w"], ["wide"]),
-        helper.make_node("Reshape", ["wide", "shape"], ["logits"]),
-    ], [onnx.numpy_helper.from_array(np.ones((64, 20), np.float32), "w"),
-        onnx.numpy_helper.from_array(np.array([-1, 10, 2], np.int64), "shape")],
-        ["N", 1, 8, 8])
-
-
-def constant_model(tmp: Path) -> Path:
-    """Always answers class 0."""
-    bias = np.zeros(10, np.float32)
-    bias[0] = 1.0
-    return onnx_file(tmp, "constant", [
-        helper.make_node("Flatten", ["image"], ["flat"]),
-        helper.make_node("Gemm", ["flat", "w", "b"], ["logits"]),
-    ], [onnx.numpy_helper.from_array(np.zeros((64, 10), np.float32), "w"),
-        onnx.numpy_helper.from_array(bias, "b")], ["N", 1, 8, 8])
 
 
 class CountingReplay(ReplaySource):

@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from tests.controlled_fleet import PROFILES, ControlledFleet
-from tests.test_agent_install import constant_model
+from tests.model_builders import constant_model
 from tests.variants_helpers import DATA, SOURCE
 
 QUICK = ("--only", "onnx-fp32", "--only", "onnx-int8")
