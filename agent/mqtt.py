@@ -90,6 +90,8 @@ class AgentLink:
                            tls_version=ssl.PROTOCOL_TLS_CLIENT)
         client.max_queued_messages_set(0)
         client.on_connect = self._handle_connect
+        client.on_subscribe = self._handle_subscribe
+        self._subscribe_mid: int | None = None
         client.on_disconnect = self._handle_disconnect
         client.on_message = self._handle_message
         client.on_publish = self._handle_publish
@@ -143,7 +145,16 @@ class AgentLink:
         if reason.is_failure:
             log.warning("broker refused the connection: %s", reason)
             return
-        client.subscribe(self.schema.agent_subscriptions(self.device_id))
+        # "Connected" means subscribed: presence goes out, and callers proceed, only once the
+        # broker has acknowledged the subscriptions (SUBACK), so nothing sent to the device in
+        # between can miss it.
+        _, self._subscribe_mid = client.subscribe(
+            self.schema.agent_subscriptions(self.device_id))
+
+    def _handle_subscribe(self, client: paho.Client, userdata: Any, mid: int, reasons: Any,
+                          properties: Any) -> None:
+        if mid != self._subscribe_mid:
+            return
         for message in self._birth():
             client.publish(message.topic, message.payload, qos=message.qos,
                            retain=message.retain)

@@ -11,10 +11,14 @@ from onnx import TensorProto, helper
 
 
 def onnx_file(tmp: Path, name: str, nodes: list[onnx.NodeProto],
-              inits: list[onnx.TensorProto], input_shape: list[str | int]) -> Path:
+              inits: list[onnx.TensorProto], input_shape: list[str | int],
+              output_shape: list[str | int] | None = None) -> Path:
+    """A model from nodes; the output is [N, 10] unless said (None: left for the runtime)."""
     graph = helper.make_graph(
         nodes, name, [helper.make_tensor_value_info("image", TensorProto.FLOAT, input_shape)],
-        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, None)], inits)
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT,
+                                       output_shape if output_shape is not None else ["N", 10])],
+        inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
     path = tmp / f"{name}.onnx"
@@ -63,7 +67,7 @@ def pairs_model(tmp: Path) -> Path:
         helper.make_node("Reshape", ["wide", "shape"], ["logits"]),
     ], [onnx.numpy_helper.from_array(np.ones((64, 20), np.float32), "w"),
         onnx.numpy_helper.from_array(np.array([-1, 10, 2], np.int64), "shape")],
-        ["N", 1, 8, 8])
+        ["N", 1, 8, 8], output_shape=["N", 10, 2])
 
 
 def constant_model(tmp: Path) -> Path:
