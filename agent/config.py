@@ -12,7 +12,7 @@ import math
 import re
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import msgspec
 
@@ -53,7 +53,8 @@ class BrokerConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
 
 
 class TrustConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
-    keys_dir: Path = Path("/etc/edgefleet/keys")   # *.pem ed25519 public keys
+    keys_dir: Path = Path("/etc/edgefleet/keys")   # *.pem ed25519 public keys, no rotation
+    root_file: Path | None = None                   # the bundle's key chain: follows rotations
 
 
 class InferenceConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -128,8 +129,25 @@ def load_config(path: Path) -> AgentConfig:
             field = f"{field}.{missing.group(1)}" if field else missing.group(1)
             what = "required"
         raise ConfigError(path, field, what) from None
+    config = _anchor(config, path.resolve().parent)
     _check(path, config)
     return config
+
+
+S = TypeVar("S", bound=msgspec.Struct)
+
+
+def _anchor(section: S, base: Path) -> S:
+    """Relative paths are relative to the config file, so an enrollment bundle (agent.toml
+    beside its certificates) works wherever it is unpacked."""
+    changes: dict[str, Any] = {}
+    for name in section.__struct_fields__:
+        value = getattr(section, name)
+        if isinstance(value, Path) and not value.is_absolute():
+            changes[name] = base / value
+        elif isinstance(value, msgspec.Struct):
+            changes[name] = _anchor(value, base)
+    return msgspec.structs.replace(section, **changes)
 
 
 def _paths(kind: type, value: Any) -> Any:

@@ -52,6 +52,13 @@ class Malformed:
 
 
 @dataclass(frozen=True)
+class KeyChainUpdate:
+    """The fleet's key chain as published; verified by agent.trust, not here."""
+
+    payload: bytes
+
+
+@dataclass(frozen=True)
 class Outgoing:
     topic: str
     payload: bytes
@@ -63,7 +70,7 @@ class AgentLink:
     """One MQTT connection for one device."""
 
     def __init__(self, device_id: str, broker: BrokerConfig, *,
-                 on_inbound: Callable[[Inbound | Malformed], None],
+                 on_inbound: Callable[[Inbound | Malformed | KeyChainUpdate], None],
                  on_connection: Callable[[bool], None],
                  on_published: Callable[[int], None],
                  will: Outgoing, birth: Callable[[], list[Outgoing]],
@@ -176,6 +183,10 @@ class AgentLink:
 
     def _handle_message(self, client: paho.Client, userdata: Any,
                         message: paho.MQTTMessage) -> None:
+        if message.topic == self.schema.key_chain:
+            if message.payload:          # an empty retained payload only clears the topic
+                self._on_inbound(KeyChainUpdate(bytes(message.payload)))
+            return
         try:
             topic = self.schema.parse(message.topic)
             if topic.device_id != self.device_id:

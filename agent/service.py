@@ -19,12 +19,12 @@ from agent.forwarder import Forwarder
 from agent.inputs import DirectorySource, ReplaySource
 from agent.install.runner import InstallContext, Installer, restore_current
 from agent.loop import InferenceLoop
-from agent.mqtt import AgentLink, Inbound, Malformed, Outgoing
+from agent.mqtt import AgentLink, Inbound, KeyChainUpdate, Malformed, Outgoing
 from agent.outbox import open_recovering
 from agent.slots import ModelStore
 from agent.systemd import SystemdNotifier, watchdog_interval
 from agent.telemetry import ResourceSampler, TelemetryWindow
-from agent.trust import trusted_keys
+from agent.trust import TrustStore
 from edgefleet import __version__
 from edgefleet.contract import (
     CHANNELS,
@@ -66,6 +66,8 @@ class Agent:
         if moved is not None:
             log.error("the outbox was corrupt and moved to %s", moved)
         self.store = ModelStore(config.state_dir)
+        self.trust = TrustStore(keys_dir=config.trust.keys_dir,
+                                root_file=config.trust.root_file, state_dir=config.state_dir)
         self.hardware = read_hardware(config.hardware.root)
         profiles = load_profiles()
         match = match_profile(self.hardware, profiles)
@@ -86,7 +88,7 @@ class Agent:
         self.installer = Installer(InstallContext(
             device_id=self.device_id, topics=self.topics, store=self.store,
             outbox=self.outbox, loop=self.loop, source=self.source, settings=config.install,
-            trusted_keys=lambda: trusted_keys(config.trust.keys_dir),
+            trusted_keys=self.trust.keys, retired_keys=self.trust.retired,
             max_model_bytes=self.profile.limits.max_model_bytes if self.profile else None,
             request_chunks=self._request_chunks, threads=config.inference.threads))
         self.deploys_waiting = threading.Event()
@@ -174,8 +176,13 @@ class Agent:
 
     # --- inbound ---------------------------------------------------------------------------
 
-    def _enqueue(self, item: Inbound | Malformed) -> None:
+    def _enqueue(self, item: Inbound | Malformed | KeyChainUpdate) -> None:
         """Called on paho's thread; paho acknowledges the message when this returns."""
+        if isinstance(item, KeyChainUpdate):
+            # Here, not in the control loop: a deploy signed by a new key may be queued right
+            # behind the list that introduces it, and the installer must see the list first.
+            self.trust.apply_chain(item.payload)
+            return
         if isinstance(item, Inbound) and isinstance(item.message, ArtifactChunk):
             try:  # chunks go straight to the installer; a full window is re-requested
                 self.installer.chunks.put_nowait(item.message)
@@ -248,9 +255,9 @@ class Agent:
     def _run_shadow(self, command: ShadowCommand) -> None:
         """Runs a candidate beside the active model and reports agreement and latency."""
         try:
-            manifest = verify_manifest(bytes(command.manifest),
-                                       trusted_keys(self.config.trust.keys_dir),
-                                       device_id=self.device_id, now=time.time())
+            manifest = verify_manifest(bytes(command.manifest), self.trust.keys(),
+                                       device_id=self.device_id, now=time.time(),
+                                       retired=self.trust.retired())
         except Exception as exc:
             self._status(command.command_id, "shadow", CommandState.REJECTED, str(exc))
             return

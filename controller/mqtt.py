@@ -14,8 +14,10 @@ from __future__ import annotations
 
 import logging
 import queue
+import ssl
 import threading
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import paho.mqtt.client as paho
@@ -47,6 +49,9 @@ class BrokerSettings:
     inbound_queue: int = 50_000
     username: str | None = None
     password: str | None = None
+    ca_file: Path | None = None
+    cert_file: Path | None = None
+    key_file: Path | None = None
 
 
 @dataclass(frozen=True)
@@ -67,10 +72,19 @@ class ControllerLink:
         self._early: set[int] = set()       # PUBACKs that arrived before we noted the mid
         self._pending_lock = threading.Lock()
         self._connected = threading.Event()
+        self.connections = 0    # CONNACKs so far: lets callers redo what a new session needs
         client = paho.Client(CallbackAPIVersion.VERSION2, client_id=settings.client_id,
                              protocol=paho.MQTTv5, manual_ack=True)
         if settings.username:
             client.username_pw_set(settings.username, settings.password)
+        if settings.ca_file or settings.cert_file:
+            try:
+                client.tls_set(ca_certs=str(settings.ca_file) if settings.ca_file else None,
+                               certfile=str(settings.cert_file) if settings.cert_file else None,
+                               keyfile=str(settings.key_file) if settings.key_file else None,
+                               tls_version=ssl.PROTOCOL_TLS_CLIENT)
+            except (OSError, ssl.SSLError) as exc:
+                raise BrokerUnavailable(f"TLS files for the broker: {exc}") from None
         # Our semaphore is the window. paho's own (when not 0) rescans every unacknowledged
         # message on each PUBACK, which made a wave of chunk publishes quadratic.
         client.max_inflight_messages_set(0)
@@ -154,6 +168,7 @@ class ControllerLink:
             log.error("broker refused the controller: %s", reason)
             return
         client.subscribe(self.schema.controller_subscriptions(self.settings.share_group))
+        self.connections += 1
         self._connected.set()
 
     def _on_disconnect(self, client: paho.Client, userdata: Any, flags: Any, reason: Any,

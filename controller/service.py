@@ -31,8 +31,9 @@ from controller.db.ingest import (
 from controller.db.migrate import upgrade
 from controller.db.schema import Variant
 from controller.distribution import ArtifactCache, ChunkServer
-from controller.keys import load_signing_key
+from controller.keys import chain_payload, load_signing_key
 from controller.mqtt import BrokerSettings, ControllerLink, Received
+from controller.pki import CA_KEY, FleetCA
 from controller.rollout.driver import RolloutDriver
 from controller.settings import ControllerSettings
 from edgefleet.contract import Channel, ChunkRequest, ContractError, decode
@@ -51,7 +52,9 @@ class Controller:
         self.link = ControllerLink(BrokerSettings(
             host=broker.host, port=broker.port, topic_root=broker.topic_root,
             client_id=broker.client_id, share_group=broker.share_group,
-            username=broker.username, password=broker.password))
+            username=broker.username, password=broker.password,
+            **{name: home / value for name in ("ca_file", "cert_file", "key_file")
+               if (value := getattr(broker, name))}))
         self.schema = self.link.schema
         self.writers: dict[Channel, Any] = {
             Channel.TELEMETRY: TelemetryWriter(self.db), Channel.STATUS: StatusWriter(self.db),
@@ -68,6 +71,8 @@ class Controller:
         self.driver = RolloutDriver(self.db, self.issuer)
         self.malformed = 0
         self._files: dict[str, Path | None] = {}
+        self._published_chain: tuple[int, bytes] | None = None
+        self._next_crl_check = 0.0
 
     def run(self, stop: threading.Event) -> int:
         self.link.start()
@@ -164,6 +169,25 @@ class Controller:
             except Exception:
                 log.exception("serving %s to %s failed", request.artifact_id, request.device_id)
 
+    def _keep_trust(self) -> None:
+        """After a rotation (`edgefleet keys rotate` in another process) sign with the new key,
+        and keep the key chain retained on the broker for devices that were offline; keep the
+        revocation list from expiring, which would lock every device out of the broker."""
+        keys = self.home / "keys"
+        chain = chain_payload(keys)
+        if self.link.connected and self._published_chain != (self.link.connections, chain):
+            if chain != (self._published_chain or (0, b""))[1]:
+                self.key = self.issuer.key = load_signing_key(keys)
+            if self.link.publish(self.schema.key_chain, chain, qos=1, retain=True):
+                self._published_chain = (self.link.connections, chain)
+                log.info("key chain published (signing with %s)", self.key.key_id)
+        now = time.time()
+        if now >= self._next_crl_check and (self.home / "pki" / CA_KEY).exists():
+            ca = FleetCA.load(self.home / "pki")
+            if ca.crl_due(now):
+                log.info("revocation list rewritten: %s", ca.write_crl())
+            self._next_crl_check = now + 3600
+
     def _artifact_file(self, artifact_id: str) -> Path | None:
         if artifact_id not in self._files:
             with self.db.connect() as conn:
@@ -174,6 +198,10 @@ class Controller:
 
     def _drive(self, stop: threading.Event) -> None:
         while not stop.wait(self.settings.tick_s):
+            try:
+                self._keep_trust()
+            except Exception:
+                log.exception("publishing the key chain or refreshing the CRL failed")
             try:
                 for report in self.driver.tick_all():
                     if report.published:

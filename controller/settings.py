@@ -35,6 +35,10 @@ class BrokerSection(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
     share_group: str | None = None
     username: str | None = None
     password: str | None = None
+    # Mutual TLS (`edgefleet init` issues the controller's certificate); relative to the home.
+    ca_file: str | None = None
+    cert_file: str | None = None
+    key_file: str | None = None
 
 
 class ControllerSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):

@@ -169,7 +169,7 @@ class MosquittoBroker:
             if code is not None:
                 raise BrokerError(f"mosquitto exited with status {code} before accepting "
                                   f"connections\n{self._log_excerpt()}")
-            if _answers_connect(self.host, self.port, timeout=0.5):
+            if self._answers(timeout=0.5):
                 return self
             if time.monotonic() > deadline:
                 self.kill()
@@ -177,6 +177,9 @@ class MosquittoBroker:
                                   f"{self.host}:{self.port} within {timeout:.0f}s\n"
                                   f"{self._log_excerpt()}")
             time.sleep(0.02)
+
+    def _answers(self, timeout: float) -> bool:
+        return _answers_connect(self.host, self.port, timeout)
 
     def stop(self, timeout: float = 5.0) -> None:
         """SIGTERM and wait: a clean shutdown, which also saves persistence."""

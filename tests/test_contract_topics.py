@@ -98,10 +98,10 @@ def test_every_channel_has_a_spec_and_commands_are_never_retained() -> None:
     assert all(spec.qos == 1 for c, spec in CHANNELS.items() if c is not Channel.HEARTBEAT)
 
 
-def test_agent_subscribes_to_its_own_commands_and_chunks_only() -> None:
+def test_agent_subscribes_to_its_own_commands_and_chunks_and_the_fleet_key_chain_only() -> None:
     schema = TopicSchema("f")
     subs = dict(schema.agent_subscriptions("pi-1"))
-    assert subs == {"f/dev/pi-1/cmd/+": 1, "f/dev/pi-1/artifact/chunk": 1}
+    assert subs == {"f/dev/pi-1/cmd/+": 1, "f/dev/pi-1/artifact/chunk": 1, "f/fleet/keys": 1}
 
 
 def test_controller_subscribes_to_every_device_channel_and_shares_only_streams() -> None:
@@ -133,5 +133,18 @@ def test_device_acl_lets_a_device_write_up_and_read_down_in_its_own_subtree() ->
     assert ("write", "f/dev/%u/telemetry") in acl
     assert ("read", "f/dev/%u/cmd/+") in acl
     assert ("read", "f/dev/%u/artifact/chunk") in acl
-    assert all("%u" in pattern for _, pattern in acl)
-    assert len(acl) == len(Channel)
+    device_rules = [(access, p) for access, p in acl if p != "f/fleet/keys"]
+    assert all("%u" in pattern for _, pattern in device_rules)
+    assert len(device_rules) == len(Channel)
+    # The one fleet-wide topic a device may touch: it reads the key chain, never writes it.
+    assert ("read", "f/fleet/keys") in acl and ("write", "f/fleet/keys") not in acl
+
+
+def test_controller_acl_reads_every_device_outbound_channel_and_writes_the_inbound_ones() -> None:
+    schema = TopicSchema("f")
+    acl = dict((topic, access) for access, topic in schema.controller_acl())
+    for channel, spec in CHANNELS.items():
+        expected = "read" if spec.direction is Direction.FROM_DEVICE else "write"
+        assert acl[schema.filter(channel)] == expected, channel
+    assert acl["f/fleet/keys"] == "readwrite"
+    assert not any("%u" in topic for topic in acl)

@@ -14,7 +14,7 @@ import queue
 import signal
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
 
 import msgspec
@@ -71,6 +71,7 @@ class InstallContext:
     request_chunks: Callable[[ChunkRequest], None]
     threads: int = 1
     clock: Callable[[], float] = time.time
+    retired_keys: Callable[[], Collection[str]] = frozenset
 
 
 class Installer:
@@ -219,7 +220,8 @@ class Installer:
         assert self._command is not None
         try:
             manifest = verify_manifest(bytes(self._command.manifest), self.ctx.trusted_keys(),
-                                       device_id=self.ctx.device_id, now=self.ctx.clock())
+                                       device_id=self.ctx.device_id, now=self.ctx.clock(),
+                                       retired=self.ctx.retired_keys())
         except ManifestRejected as exc:
             raise StepFailed(f"manifest rejected: {exc.reason}: {exc.got}") from None
         accepted = self._accepted_version(manifest.model_name)

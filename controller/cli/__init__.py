@@ -19,6 +19,7 @@ from controller.cli.fleet import (
 )
 from controller.cli.hardware import hardware, profiles, topics
 from controller.cli.rollouts import rollouts
+from controller.cli.security import broker_config, devices_enroll, devices_revoke, keys
 from controller.cli.variants import variants
 from controller.demo import demo
 
@@ -29,8 +30,11 @@ def main() -> None:
     """edgefleet: ship optimized ML model variants to fleets of edge devices."""
 
 
-for command in (init, serve, devices, models, rollouts, profiles, hardware, topics, telemetry):
+for command in (init, serve, devices, models, rollouts, profiles, hardware, topics, telemetry,
+                broker_config, keys):
     main.add_command(command)
+devices.add_command(devices_enroll)
+devices.add_command(devices_revoke)
 main.add_command(fleet_group, "fleet")
 # `variants build|show` work on folders (no database); `variants list` reads the registry.
 variants.add_command(variants_db.commands["list"])

@@ -27,6 +27,7 @@ from controller.db.schema import (
 )
 from controller.keys import SIGNING_KEY, SigningKeyError, create_signing_key
 from controller.mqtt import BrokerUnavailable
+from controller.pki import CA_KEY, CertificateKind, FleetCA, PKIError, write_private
 from controller.settings import (
     BrokerSection,
     default_settings,
@@ -45,7 +46,7 @@ from controller.variants.source import SourceError
 @click.option("--topic-root", default="edgefleet", show_default=True)
 def init(home: Path | None, database_url: str | None, broker_host: str, broker_port: int,
          topic_root: str) -> None:
-    """Create the controller home: settings, the fleet's signing key, the database."""
+    """Create the controller home: settings, the fleet's signing key and CA, the database."""
     resolved = resolve_home(home)
     keys = resolved / "keys"
     if (keys / SIGNING_KEY).exists():
@@ -67,14 +68,24 @@ def init(home: Path | None, database_url: str | None, broker_host: str, broker_p
         db.dispose()
     try:
         key = create_signing_key(keys)
-    except SigningKeyError as error:
+        ca = FleetCA.load(resolved / "pki") if (resolved / "pki" / CA_KEY).exists() else (
+            FleetCA.create(resolved / "pki"))
+        controller = ca.issue(settings.broker.client_id, CertificateKind.CONTROLLER,
+                              days=3650)
+    except (SigningKeyError, PKIError) as error:
         raise click.ClickException(str(error)) from None
+    for name in ("controller.crt", "controller.key"):
+        (resolved / "pki" / name).unlink(missing_ok=True)
+    (resolved / "pki" / "controller.crt").write_bytes(controller.cert_pem)
+    write_private(resolved / "pki" / "controller.key", controller.key_pem)
     path = write_settings(resolved, settings)
     (resolved / "artifacts").mkdir(exist_ok=True)
     console().print(f"controller home {resolved}\n  settings  {path}\n  signing key "
-                    f"{key.key_id} (public key: {resolved / 'keys' / 'signing-key.pub.pem'}; "
-                    f"copy it to each device's trusted keys)\n  database  "
-                    f"{settings.database_url}")
+                    f"{key.key_id} (public key: {keys / 'signing-key.pub.pem'}; devices trust "
+                    "it through their enrollment bundle)\n"
+                    f"  fleet CA  {ca.cert_path} (controller certificate "
+                    f"{settings.broker.client_id!r})\n  database  {settings.database_url}\n"
+                    "next: `edgefleet broker-config`, then `edgefleet devices enroll ID`")
 
 
 @click.command()

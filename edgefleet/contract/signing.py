@@ -9,7 +9,7 @@ too and do not break verification on an older agent.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from typing import Any
 
 import msgspec
@@ -46,11 +46,11 @@ def sign_manifest(manifest: Manifest, private_key: Ed25519PrivateKey) -> bytes:
 
 
 def verify_manifest(payload: bytes, trusted: Mapping[str, Ed25519PublicKey], *,
-                    device_id: str, now: float) -> Manifest:
+                    device_id: str, now: float, retired: Collection[str] = ()) -> Manifest:
     """Checks signature, key, target device and expiry; returns the manifest or raises.
 
-    Raises `ManifestRejected` with a stable reason: malformed, unsigned, unknown-key,
-    bad-signature, wrong-device, expired, unsupported. Version ordering (replays) is the
+    Raises `ManifestRejected` with a stable reason: malformed, unsigned, retired-key (signed by
+    a key a rotation retired), unknown-key, bad-signature, wrong-device, expired, unsupported. Version ordering (replays) is the
     agent's business: it alone knows what it runs.
     """
     try:
@@ -63,6 +63,8 @@ def verify_manifest(payload: bytes, trusted: Mapping[str, Ed25519PublicKey], *,
     if not manifest.signature or not manifest.key_id:
         raise ManifestRejected("unsigned", "no signature or key id")
     public_key = trusted.get(manifest.key_id)
+    if public_key is None and manifest.key_id in retired:
+        raise ManifestRejected("retired-key", f"key {manifest.key_id} was retired by a rotation")
     if public_key is None:
         raise ManifestRejected("unknown-key", f"key {manifest.key_id} is not trusted")
     try:

@@ -175,10 +175,15 @@ class TopicSchema:
         suffix = "/+" if channel is Channel.COMMAND else ""
         return f"{self.root}/dev/{device_id}/{channel.value}{suffix}"
 
+    @property
+    def key_chain(self) -> str:
+        """The fleet's signed key lists (contract.keylist), retained, written by controllers."""
+        return f"{self.root}/fleet/keys"
+
     def agent_subscriptions(self, device_id: str) -> list[tuple[str, int]]:
-        """What an agent subscribes to: its commands and its artifact chunks."""
-        return [(self.filter(c, device_id), CHANNELS[c].qos)
-                for c in (Channel.COMMAND, Channel.CHUNK)]
+        """What an agent subscribes to: its commands, its artifact chunks, the key chain."""
+        return [*((self.filter(c, device_id), CHANNELS[c].qos)
+                  for c in (Channel.COMMAND, Channel.CHUNK)), (self.key_chain, 1)]
 
     def controller_subscriptions(self, share_group: str | None = None) -> list[tuple[str, int]]:
         """What a controller subscribes to: every channel that flows from devices.
@@ -199,11 +204,23 @@ class TopicSchema:
         return filters
 
     def device_acl(self) -> list[tuple[str, str]]:
-        """Mosquitto ACL patterns (``%u`` = the device's username) for one device's subtree."""
+        """Mosquitto ACL patterns (``%u`` = the device's username) for one device's subtree:
+        it writes what flows to controllers and reads what flows to it, nothing else."""
         rules = []
         for channel, spec in CHANNELS.items():
             pattern = f"{self.root}/dev/%u/{channel.value}" + (
                 "/+" if channel is Channel.COMMAND else "")
             access = "write" if spec.direction is Direction.FROM_DEVICE else "read"
             rules.append((access, pattern))
+        rules.append(("read", self.key_chain))
+        return rules
+
+    def controller_acl(self) -> list[tuple[str, str]]:
+        """A controller reads every device's outbound channels and writes their inbound ones
+        and the key chain; it cannot speak as a device."""
+        rules = []
+        for channel, spec in CHANNELS.items():
+            access = "read" if spec.direction is Direction.FROM_DEVICE else "write"
+            rules.append((access, self.filter(channel)))
+        rules.append(("readwrite", self.key_chain))
         return rules

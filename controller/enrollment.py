@@ -1,0 +1,85 @@
+"""`edgefleet devices enroll`: a device's identity and everything it needs to join the fleet.
+
+The bundle is a folder to copy to the device's /etc/edgefleet: agent.toml (paths in it are
+relative to itself, so the folder works wherever it lands), the device's key and certificate,
+the CA certificate that proves the broker, and the key chain that roots its trust in manifests.
+The device key is created here and leaves only inside the bundle (mode 0600).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from controller.keys import chain_payload
+from controller.pki import CertificateKind, FleetCA, IssuedCertificate, write_private
+from edgefleet.contract import validate_device_id
+
+AGENT_CONFIG = "agent.toml"
+DEVICE_CERT = "device.crt"
+DEVICE_KEY = "device.key"
+CA_CERT = "ca.crt"
+KEY_CHAIN = "key-chain.json"
+
+Table = Mapping[str, Any]
+
+
+@dataclass(frozen=True)
+class Bundle:
+    directory: Path
+    config: Path
+    certificate: IssuedCertificate
+
+
+def enroll_device(ca: FleetCA, keys_dir: Path, device_id: str, directory: Path, *,
+                  broker: Table, days: float = 825, valid_from: float | None = None,
+                  agent: Mapping[str, Table] | None = None, state_dir: str | None = None
+                  ) -> Bundle:
+    """Issues the certificate and writes the bundle. `broker` holds host, port and
+    topic_root; `agent` adds or overrides other sections of agent.toml (inference,
+    hardware, telemetry...)."""
+    validate_device_id(device_id)
+    directory.mkdir(parents=True, exist_ok=True)
+    for name in (DEVICE_KEY, DEVICE_CERT, AGENT_CONFIG):
+        if (directory / name).exists():
+            raise FileExistsError(f"{directory / name} exists: choose an empty folder")
+    credentials = ca.issue(device_id, CertificateKind.DEVICE, days=days, valid_from=valid_from)
+    write_private(directory / DEVICE_KEY, credentials.key_pem)
+    (directory / DEVICE_CERT).write_bytes(credentials.cert_pem)
+    (directory / CA_CERT).write_bytes(ca.cert_pem)
+    (directory / KEY_CHAIN).write_bytes(chain_payload(keys_dir))
+    sections: dict[str, dict[str, Any]] = {
+        "broker": {**broker, "ca_file": CA_CERT, "cert_file": DEVICE_CERT,
+                   "key_file": DEVICE_KEY},
+        "trust": {"root_file": KEY_CHAIN},
+        "inference": {"source": "directory", "directory": "/var/lib/edgefleet/inputs"},
+    }
+    for name, values in (agent or {}).items():
+        sections[name] = {**sections.get(name, {}), **values}
+    top = {"device_id": device_id, "state_dir": state_dir or "/var/lib/edgefleet"}
+    config = directory / AGENT_CONFIG
+    config.write_text(_toml(top, sections))
+    os.chmod(config, 0o644)
+    return Bundle(directory, config, credentials.record)
+
+
+def _toml(top: Table, sections: Mapping[str, Table]) -> str:
+    lines = ["# Written by `edgefleet devices enroll`; paths are relative to this file."]
+    lines += [f"{key} = {_value(value)}" for key, value in top.items()]
+    for name, values in sections.items():
+        lines += ["", f"[{name}]"]
+        lines += [f"{key} = {_value(value)}" for key, value in values.items()
+                  if value is not None]
+    return "\n".join(lines) + "\n"
+
+
+def _value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    text = str(value).replace("\\", "\\\\").replace('"', '\\"')
+    return f'"{text}"'
