@@ -416,6 +416,14 @@ class MessageCollector:
                     f"{[m.topic for m in self._taken]}") from None
         return self._taken[:n]
 
+    def so_far(self) -> list[Received]:
+        """Every message received until now, without waiting."""
+        while True:
+            try:
+                self._taken.append(self._queue.get_nowait())
+            except queue.Empty:
+                return list(self._taken)
+
     def expect_none(self, within: float = 0.3) -> None:
         """Asserts no message beyond those already taken arrives within `within` seconds."""
         try:

@@ -14,7 +14,8 @@ from edgefleet.contract import TopicSchema
 from tests.broker import LoopbackClient, MosquittoBroker, connect_client, find_mosquitto
 
 # The agent's end-to-end fixtures (a real agent process beside a real broker).
-pytest_plugins = ["tests.agent_fleet", "tests.db_fixtures", "tests.controlled_fleet"]
+pytest_plugins = ["tests.agent_fleet", "tests.db_fixtures", "tests.controlled_fleet",
+                  "tests.secure_fleet"]
 
 MosquittoFactory = Callable[..., MosquittoBroker]
 ClientFactory = Callable[..., LoopbackClient]

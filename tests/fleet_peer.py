@@ -62,14 +62,17 @@ class DeviceLog:
 
 
 class FleetPeer:
-    def __init__(self, port: int, schema: TopicSchema, key: Ed25519PrivateKey) -> None:
+    def __init__(self, port: int, schema: TopicSchema, key: Ed25519PrivateKey, *,
+                 connect: Callable[..., LoopbackClient] | None = None) -> None:
+        """`connect` makes the client (given on_message=); default: plain MQTT on `port`."""
         self.schema = schema
         self.key = key
         self.artifacts: dict[str, Artifact] = {}
         self.devices: dict[str, DeviceLog] = defaultdict(DeviceLog)
         self.serve_chunks = True
         self._cond = threading.Condition()
-        self.client: LoopbackClient = connect_client(port, on_message=self._on_message)
+        self.client: LoopbackClient = (connect or (lambda **kw: connect_client(port, **kw)))(
+            on_message=self._on_message)
         self.client.subscribe_and_wait(f"{schema.root}/dev/+/#", qos=1)
 
     def close(self) -> None:
