@@ -77,6 +77,7 @@ class TelemetryConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_
 
 class InstallConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     chunk_window: int = 8                           # chunks requested at once
+    max_queued_deploys: int = 8                     # more waiting are refused, with a status
     chunk_timeout_s: float = 10.0
     download_timeout_s: float = 600.0
     smoke_samples: int = 64
@@ -186,6 +187,7 @@ def _check(path: Path, config: AgentConfig) -> None:
                         ("inference.batch_size", source.batch_size),
                         ("telemetry.max_inflight", telemetry.max_inflight),
                         ("install.chunk_window", install.chunk_window),
+                        ("install.max_queued_deploys", install.max_queued_deploys),
                         ("install.chunk_timeout_s", install.chunk_timeout_s),
                         ("install.download_timeout_s", install.download_timeout_s),
                         ("install.smoke_samples", install.smoke_samples)):

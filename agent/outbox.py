@@ -376,6 +376,15 @@ class Outbox:
                 "INSERT INTO kv (key, value) VALUES (?, ?) "
                 "ON CONFLICT (key) DO UPDATE SET value = excluded.value", (key, value))
 
+    def forget_oldest(self, prefix: str, keep: int) -> int:
+        """Deletes all but the `keep` most recently written keys starting with `prefix`."""
+        with self.transaction():
+            cursor = self._connection().execute(
+                "DELETE FROM kv WHERE key >= ? AND key < ? AND rowid NOT IN (SELECT rowid FROM "
+                "kv WHERE key >= ? AND key < ? ORDER BY rowid DESC LIMIT ?)",
+                (prefix, prefix + "\uffff", prefix, prefix + "\uffff", keep))
+            return cursor.rowcount
+
     # --- lifetime --------------------------------------------------------------------------
 
     def close(self) -> None:

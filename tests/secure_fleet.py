@@ -19,8 +19,14 @@ import pytest
 from controller.enrollment import enroll_device
 from controller.pki import FleetCA
 from tests.agent_harness import FAKEROOTS, REPLAY, AgentProcess
-from tests.broker import HOST, LoopbackClient, MosquittoBroker, connect_client, free_ports, \
-    find_mosquitto
+from tests.broker import (
+    HOST,
+    LoopbackClient,
+    MosquittoBroker,
+    connect_client,
+    find_mosquitto,
+    free_ports,
+)
 from tests.controlled_fleet import ControlledFleet
 
 PROBE = "probe"
@@ -77,16 +83,19 @@ class SecureFleet(ControlledFleet):
         return tomllib.loads((self.home / "controller.toml").read_text())
 
     def enroll(self, device_id: str, *, fakeroot: str = "x86-64", days: float = 825,
-               valid_from: float | None = None) -> Path:
-        """A bundle for `device_id` with test settings; returns its agent.toml."""
+               valid_from: float | None = None,
+               agent: dict[str, dict[str, Any]] | None = None) -> Path:
+        """A bundle for `device_id` with test settings (`agent` adds some); returns its
+        agent.toml."""
         settings = self.json_settings()["broker"]
+        sections = {name: {**TEST_AGENT.get(name, {}), **(agent or {}).get(name, {})}
+                    for name in {*TEST_AGENT, *(agent or {})}}
         bundle = enroll_device(
             self.ca, self.home / "keys", device_id, self.tmp / "bundles" / device_id,
             days=days, valid_from=valid_from, state_dir=str(self.tmp / f"state-{device_id}"),
             broker={"host": settings["host"], "port": settings["port"],
                     "topic_root": settings["topic_root"]},
-            agent={**TEST_AGENT, "broker": TEST_AGENT["broker"],
-                   "hardware": {"root": str(FAKEROOTS / fakeroot)}})
+            agent={**sections, "hardware": {"root": str(FAKEROOTS / fakeroot)}})
         return bundle.config
 
     def start_agent(self, device_id: str, fakeroot: str = "x86-64") -> AgentProcess:

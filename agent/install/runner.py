@@ -53,6 +53,11 @@ QUEUE_KEY = "deploy-queue"     # deploy commands received and not yet started, o
 CRASH_AT_ENV = "EDGEFLEET_TEST_CRASH_AT"
 
 
+# Command ids remembered to drop redeliveries: far more than a broker redelivers (its queue for
+# one device is bounded too), few enough that a storm of ids cannot grow the state file.
+SEEN_KEPT = 10_000
+
+
 class StepFailed(Exception):
     """An action's failure, with the reason that goes into the status report."""
 
@@ -83,6 +88,7 @@ class Installer:
         self._baseline_p95: float | None = None
         self._command: DeployCommand | None = None
         self._busy = threading.Lock()
+        self._enqueued = 0
 
     # --- entry points --------------------------------------------------------------------
 
@@ -99,9 +105,21 @@ class Installer:
             if self.ctx.outbox.get(seen) is not None:
                 return False
             self.ctx.outbox.set(seen, b"1")
-            self._set_queue([*self._queue(), raw_command])
-            self._report(command.command_id, CommandState.ACCEPTED, None, "queued")
-        return True
+            # Bounded, so a storm of deploys cannot fill the disk (or make each enqueue, which
+            # rewrites the queue, slower): past the limit a deploy is refused, and says so.
+            queued = self._queue()
+            if len(queued) >= self.ctx.settings.max_queued_deploys:
+                self._report(command.command_id, CommandState.REJECTED, None,
+                             f"deploy queue full ({len(queued)} waiting); send it again later")
+                accepted = False
+            else:
+                self._set_queue([*queued, raw_command])
+                self._report(command.command_id, CommandState.ACCEPTED, None, "queued")
+                accepted = True
+            self._enqueued += 1
+            if self._enqueued % 256 == 0:
+                self.ctx.outbox.forget_oldest("seen:", keep=SEEN_KEPT)
+        return accepted
 
     def run_next(self) -> InstallRecord | None:
         """Starts the oldest queued deploy and runs it to a final state."""

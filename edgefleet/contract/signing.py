@@ -50,8 +50,8 @@ def verify_manifest(payload: bytes, trusted: Mapping[str, Ed25519PublicKey], *,
     """Checks signature, key, target device and expiry; returns the manifest or raises.
 
     Raises `ManifestRejected` with a stable reason: malformed, unsigned, retired-key (signed by
-    a key a rotation retired), unknown-key, bad-signature, wrong-device, expired, unsupported. Version ordering (replays) is the
-    agent's business: it alone knows what it runs.
+    a key a rotation retired), unknown-key, bad-signature, wrong-device, expired, unsupported.
+    Version ordering (replays) is the agent's business: it alone knows what it runs.
     """
     try:
         obj = decode_json_object(payload, "Manifest")
