@@ -175,14 +175,17 @@ class Demo:
     def _run(self) -> None:
         self.step("1. A broker, a controller and a fleet on this machine")
         port = free_port()
-        conf = self.workdir / "mosquitto.conf"
-        conf.write_text(f"listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n"
-                        f"max_queued_messages 10000\n"
-                        + ("user root\n" if os.geteuid() == 0 else ""))
+        # The fleet CA, the controller's certificate and the signing key; then a Mosquitto
+        # config in which every client needs a certificate from that CA and each device may
+        # only speak in its own subtree (what a production fleet runs, too).
+        self.cli("init", "--topic-root", TOPIC_ROOT)
+        self.cli("broker-config", "--port", str(port),
+                 *(["--user", "root"] if os.geteuid() == 0 else []))
+        conf = self.home / "broker" / "mosquitto.conf"
         self.procs.start("mosquitto", [find_mosquitto(), "-c", str(conf)])
         self._wait_port(port)
-        self.out.print(f"mosquitto on 127.0.0.1:{port}")
-        self.cli("init", "--broker-port", str(port), "--topic-root", TOPIC_ROOT)
+        self.out.print(f"mosquitto on 127.0.0.1:{port}: TLS only, client certificates "
+                       f"required, per-device ACL ({conf})")
         build = self._buildable_kinds()
         self.step("2. Register the digits model: build and measure every variant")
         self.cli("models", "add", str(DIGITS / "digits.fp32.onnx"), "--data",
@@ -199,12 +202,17 @@ class Demo:
 
         self.step("3. Install v1 everywhere")
         self._rollout("v1 install", 1, "--groups", "100")
-        self.step("4. Roll out v2 in stages: a canary, then half, then the rest")
+        self.step("4. Rotate the signing key: devices take the new key list over MQTT")
+        self.cli("keys", "rotate")
+        self.cli("keys", "list")
+        self.out.print("v2 is signed with the new key: a device that had not taken the "
+                       "new list would refuse it, and one that did now refuses the old key")
+        self.step("5. Roll out v2 in stages: a canary, then half, then the rest")
         v2 = self._rollout("v2 staged", 2, "--groups", self._stages(), "--soak",
                            "1" if self.fast else "4", "--min-accuracy", "0.9",
                            "--max-error-rate", "0.01", "--max-latency-ratio", "5",
                            "--min-samples", "50")
-        self.step("5. Roll out v3, which is worse on real inputs: the accuracy gate stops it")
+        self.step("6. Roll out v3, which is worse on real inputs: the accuracy gate stops it")
         v3 = self._rollout("v3 worse", 3, "--groups", self._stages(), "--soak",
                            "1" if self.fast else "4", "--min-accuracy", "0.9",
                            "--min-samples", "50", "--on-gate-failure", "rollback",
@@ -212,7 +220,7 @@ class Demo:
         self.wait("the canary to be back on v2", lambda: all(
             r["model_version"] == 2 for r in self.query("SELECT model_version FROM fleet_status")),
             90)
-        self.step("6. Where the fleet stands")
+        self.step("7. Where the fleet stands")
         self.cli("fleet", "status")
         gate = self.query("SELECT detail FROM audit_log WHERE subject = :id AND action LIKE "
                           "'engine.gate%' ORDER BY id DESC LIMIT 1", id=v3)
@@ -253,15 +261,17 @@ class Demo:
         self.procs.start("controller", [sys.executable, "-c",
                                         "from controller.cli import main; main()", "serve",
                                         "--home", str(self.home)])
-        keys = self.workdir / "device-keys"
-        keys.mkdir()
-        shutil.copy(self.home / "keys" / "signing-key.pub.pem", keys / "fleet.pem")
+        from controller.enrollment import amend_agent_config
+
         for index in range(self.devices):
             hardware = DEMO_HARDWARE[index % len(DEMO_HARDWARE)]
             device_id = f"{hardware}-{index + 1:02d}"
-            config = self.workdir / f"{device_id}.toml"
-            config.write_text(_agent_toml(device_id, port, keys, self.workdir / "devices" /
-                                          device_id, FAKEROOTS / hardware))
+            bundle = self.workdir / "devices" / device_id
+            self.cli("devices", "enroll", device_id, "--label", f"hardware={hardware}",
+                     "--out", str(bundle))
+            config = bundle / "agent.toml"
+            amend_agent_config(config, _demo_agent_settings(bundle / "state",
+                                                            FAKEROOTS / hardware))
             self.procs.start(device_id, [sys.executable, "-m", "agent.cli", "run", "--config",
                                          str(config)])
             self.out.print(f"agent {device_id}: presents as {hardware} (fake root "
@@ -311,36 +321,19 @@ class Demo:
         raise DemoFailed(f"mosquitto did not listen on {port}")
 
 
-def _agent_toml(device_id: str, port: int, keys: Path, state: Path, root: Path) -> str:
-    return f"""device_id = "{device_id}"
-state_dir = "{state}"
-
-[broker]
-port = {port}
-topic_root = "{TOPIC_ROOT}"
-reconnect_min_s = 0.5
-reconnect_max_s = 5.0
-
-[trust]
-keys_dir = "{keys}"
-
-[inference]
-source = "replay"
-replay_file = "{DIGITS / 'digits.data.npz'}"
-pace_s = 0.01
-
-[telemetry]
-interval_s = 1.0
-heartbeat_interval_s = 5.0
-
-[install]
-# Six agents, a controller and a broker share this machine's cores: latency is noisy here in a
-# way it is not on a device, so the agents' own latency check is looser than the default.
-watch_max_latency_factor = 10.0
-
-[hardware]
-root = "{root}"
-"""
+def _demo_agent_settings(state: Path, root: Path) -> dict[str, dict[str, Any]]:
+    """What the demo adds to each enrollment bundle's agent.toml."""
+    return {
+        "": {"state_dir": str(state)},
+        "broker": {"reconnect_min_s": 0.5, "reconnect_max_s": 5.0},
+        "inference": {"source": "replay", "replay_file": str(DIGITS / "digits.data.npz"),
+                      "pace_s": 0.01},
+        "telemetry": {"interval_s": 1.0, "heartbeat_interval_s": 5.0},
+        # Six agents, a controller and a broker share this machine's cores: latency is noisy
+        # here in a way it is not on a device, so the agents' own latency check is looser.
+        "install": {"watch_max_latency_factor": 10.0},
+        "hardware": {"root": str(root)},
+    }
 
 
 @contextlib.contextmanager

@@ -9,6 +9,7 @@ The device key is created here and leaves only inside the bundle (mode 0600).
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +18,11 @@ from typing import Any
 from controller.keys import chain_payload
 from controller.pki import CertificateKind, FleetCA, IssuedCertificate, write_private
 from edgefleet.contract import validate_device_id
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
 
 AGENT_CONFIG = "agent.toml"
 DEVICE_CERT = "device.crt"
@@ -64,6 +70,19 @@ def enroll_device(ca: FleetCA, keys_dir: Path, device_id: str, directory: Path, 
     config.write_text(_toml(top, sections))
     os.chmod(config, 0o644)
     return Bundle(directory, config, credentials.record)
+
+
+def amend_agent_config(path: Path, sections: Mapping[str, Table]) -> None:
+    """Adds or overrides settings in a bundle's agent.toml (the demo's fake hardware root and
+    replayed inputs, say), keeping everything enrollment wrote. Section "" is the top level."""
+    raw = tomllib.loads(path.read_text())
+    top = {k: v for k, v in raw.items() if not isinstance(v, dict)}
+    top.update(sections.get("", {}))
+    merged = {k: dict(v) for k, v in raw.items() if isinstance(v, dict)}
+    for name, values in sections.items():
+        if name:
+            merged[name] = {**merged.get(name, {}), **values}
+    path.write_text(_toml(top, merged))
 
 
 def _toml(top: Table, sections: Mapping[str, Table]) -> str:

@@ -28,6 +28,17 @@ def test_the_demo_runs_end_to_end_and_leaves_the_fleet_on_v2(tmp_path: Path) -> 
     assert rollouts["v3 worse"] in ("failed", "paused")
     versions = {row[0] for row in db.execute("SELECT model_version FROM fleet_status")}
     assert versions == {2}
+    # The fleet ran on the secure broker config, enrolled devices, and a rotated key.
+    conf = (workdir / "controller" / "broker" / "mosquitto.conf").read_text()
+    assert "require_certificate true" in conf and "allow_anonymous false" in conf
+    assert sum(line.startswith("listener ") for line in conf.splitlines()) == 1
+    enrolled = {row[0] for row in db.execute(
+        "SELECT subject FROM audit_log WHERE action = 'device.enroll'")}
+    assert enrolled == {row[0] for row in db.execute("SELECT id FROM devices")}
+    assert len(enrolled) == 3
+    for device in enrolled:
+        trusted = workdir / "devices" / device / "state" / "trusted-keys.json"
+        assert b'"version":2' in trusted.read_bytes(), device
     groups = db.execute("SELECT COUNT(*) FROM rollout_groups WHERE rollout_id = "
                         "(SELECT id FROM rollouts WHERE name = 'v2 staged')").fetchone()[0]
     assert groups >= 2
