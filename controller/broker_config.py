@@ -106,7 +106,8 @@ tls_version tlsv1.2
 
 def write_broker_config(ca: FleetCA, schema: TopicSchema, directory: Path, *, port: int,
                         bind: str = "127.0.0.1", hostnames: Sequence[str] = (),
-                        observers: Sequence[str] = (), run_as: str | None = None,
+                        observers: Sequence[str] = (), controllers: Sequence[str] = (),
+                        run_as: str | None = None,
                         limits: BrokerLimits = BrokerLimits()) -> BrokerFiles:
     """Writes mosquitto.conf, the ACL and a fresh broker certificate into `directory`; the CA
     certificate and the revocation list stay in the CA's folder, so a revocation needs no
@@ -119,20 +120,25 @@ def write_broker_config(ca: FleetCA, schema: TopicSchema, directory: Path, *, po
     cert.write_bytes(credentials.cert_pem)
     key.unlink(missing_ok=True)
     write_private(key, credentials.key_pem)
+    # More identities, each with its own name: the broker makes the name the client id, so two
+    # controller processes sharing one certificate would keep disconnecting each other.
+    extra: list[tuple[CertificateKind, Sequence[str]]] = [
+        (CertificateKind.OBSERVER, observers), (CertificateKind.CONTROLLER, controllers)]
+    for kind, identities in extra:
+        for name in identities:
+            issued = ca.issue(name, kind, days=3650)
+            (directory / f"{name}.crt").write_bytes(issued.cert_pem)
+            (directory / f"{name}.key").unlink(missing_ok=True)
+            write_private(directory / f"{name}.key", issued.key_pem)
     live = [r for r in ca.records() if r.revoked_at is None]
-    controllers = tuple(sorted({r.common_name for r in live
-                                if r.kind is CertificateKind.CONTROLLER}))
-    for name in observers:
-        issued = ca.issue(name, CertificateKind.OBSERVER)
-        (directory / f"{name}.crt").write_bytes(issued.cert_pem)
-        (directory / f"{name}.key").unlink(missing_ok=True)
-        write_private(directory / f"{name}.key", issued.key_pem)
+    all_controllers = tuple(sorted({r.common_name for r in live
+                                    if r.kind is CertificateKind.CONTROLLER}))
     acl = directory / ACL
-    acl.write_text(render_acl(schema, controllers, observers))
+    acl.write_text(render_acl(schema, all_controllers, observers))
     conf = directory / CONF
     conf.write_text(render_conf(
         port=port, bind=bind, ca_file=ca.cert_path.resolve(), crl_file=ca.crl_path.resolve(),
         cert_file=cert.resolve(), key_file=key.resolve(), acl_file=acl.resolve(),
         data_dir=(directory / "data").resolve(), limits=limits, run_as=run_as))
     os.chmod(conf, 0o644)
-    return BrokerFiles(directory, conf, acl, cert, key, port, controllers, tuple(observers))
+    return BrokerFiles(directory, conf, acl, cert, key, port, all_controllers, tuple(observers))

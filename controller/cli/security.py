@@ -53,11 +53,14 @@ def _labels(pairs: tuple[str, ...]) -> dict[str, str]:
                    "the broker's certificate.")
 @click.option("--observer", "observers", multiple=True,
               help="Also issue a read-only identity with this name (repeatable).")
+@click.option("--controller", "controllers", multiple=True,
+              help="Also issue a controller identity with this name, for another `edgefleet "
+                   "serve` process (repeatable).")
 @click.option("--user", "run_as", help="Account Mosquitto runs as when started as root "
               "(it must read the broker key); default: Mosquitto's own.")
 def broker_config(home: Path | None, out_dir: Path | None, port: int, bind: str,
                   hostnames: tuple[str, ...], observers: tuple[str, ...],
-                  run_as: str | None) -> None:
+                  controllers: tuple[str, ...], run_as: str | None) -> None:
     """Write a Mosquitto config: mutual TLS, per-device ACL, revocation list, limits; point the
     controller at it."""
     with open_fleet(home) as fleet:
@@ -67,7 +70,7 @@ def broker_config(home: Path | None, out_dir: Path | None, port: int, bind: str,
         try:
             files = write_broker_config(ca, schema, directory, port=port, bind=bind,
                                         hostnames=hostnames, observers=observers,
-                                        run_as=run_as)
+                                        controllers=controllers, run_as=run_as)
         except (PKIError, OSError) as exc:
             raise click.ClickException(str(exc)) from None
         if not files.controllers:
