@@ -278,3 +278,18 @@ def _general_name(host: str) -> x509.GeneralName:
         return x509.IPAddress(ipaddress.ip_address(host))
     except ValueError:
         return x509.DNSName(host)
+
+
+def ensure_fleet_ca(home: Path, controller_name: str) -> FleetCA:
+    """The home's CA, created with the controller's certificate if the home has none yet (a
+    home made before the CA existed gets one the first time `broker-config` runs)."""
+    directory = home / "pki"
+    if (directory / CA_KEY).exists():
+        return FleetCA.load(directory)
+    ca = FleetCA.create(directory)
+    controller = ca.issue(controller_name, CertificateKind.CONTROLLER, days=3650)
+    for name in ("controller.crt", "controller.key"):
+        (directory / name).unlink(missing_ok=True)
+    (directory / "controller.crt").write_bytes(controller.cert_pem)
+    write_private(directory / "controller.key", controller.key_pem)
+    return ca

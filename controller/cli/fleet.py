@@ -27,7 +27,7 @@ from controller.db.schema import (
 )
 from controller.keys import SIGNING_KEY, SigningKeyError, create_signing_key
 from controller.mqtt import BrokerUnavailable
-from controller.pki import CA_KEY, CertificateKind, FleetCA, PKIError, write_private
+from controller.pki import PKIError, ensure_fleet_ca
 from controller.settings import (
     BrokerSection,
     default_settings,
@@ -68,16 +68,9 @@ def init(home: Path | None, database_url: str | None, broker_host: str, broker_p
         db.dispose()
     try:
         key = create_signing_key(keys)
-        ca = FleetCA.load(resolved / "pki") if (resolved / "pki" / CA_KEY).exists() else (
-            FleetCA.create(resolved / "pki"))
-        controller = ca.issue(settings.broker.client_id, CertificateKind.CONTROLLER,
-                              days=3650)
+        ca = ensure_fleet_ca(resolved, settings.broker.client_id)
     except (SigningKeyError, PKIError) as error:
         raise click.ClickException(str(error)) from None
-    for name in ("controller.crt", "controller.key"):
-        (resolved / "pki" / name).unlink(missing_ok=True)
-    (resolved / "pki" / "controller.crt").write_bytes(controller.cert_pem)
-    write_private(resolved / "pki" / "controller.key", controller.key_pem)
     path = write_settings(resolved, settings)
     (resolved / "artifacts").mkdir(exist_ok=True)
     console().print(f"controller home {resolved}\n  settings  {path}\n  signing key "

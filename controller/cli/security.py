@@ -15,7 +15,7 @@ from controller.cli.output import console
 from controller.db.schema import AuditEntry, Device
 from controller.enrollment import enroll_device
 from controller.keys import SigningKeyError, key_chain, rotate_signing_key
-from controller.pki import CertificateKind, FleetCA, PKIError
+from controller.pki import CertificateKind, FleetCA, PKIError, ensure_fleet_ca
 from controller.settings import write_settings
 from edgefleet.contract import TopicSchema
 from edgefleet.contract.errors import EncodeError
@@ -64,7 +64,10 @@ def broker_config(home: Path | None, out_dir: Path | None, port: int, bind: str,
     """Write a Mosquitto config: mutual TLS, per-device ACL, revocation list, limits; point the
     controller at it."""
     with open_fleet(home) as fleet:
-        ca = _ca(fleet.home)
+        try:
+            ca = ensure_fleet_ca(fleet.home, fleet.settings.broker.client_id)
+        except PKIError as exc:
+            raise click.ClickException(str(exc)) from None
         schema = TopicSchema(fleet.settings.broker.topic_root)
         directory = (out_dir or fleet.home / "broker").resolve()
         try:
