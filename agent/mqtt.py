@@ -183,6 +183,14 @@ class AgentLink:
 
     def _handle_message(self, client: paho.Client, userdata: Any,
                         message: paho.MQTTMessage) -> None:
+        # An exception escaping here would end paho's network thread: the agent would live on
+        # without a connection. Whatever one message does, the next one is still read.
+        try:
+            self._route(message)
+        except Exception:
+            log.exception("dropped a message on %s that could not be handled", message.topic)
+
+    def _route(self, message: paho.MQTTMessage) -> None:
         if message.topic == self.schema.key_chain:
             if message.payload:          # an empty retained payload only clears the topic
                 self._on_inbound(KeyChainUpdate(bytes(message.payload)))
@@ -208,7 +216,7 @@ class AgentLink:
 def _command_id(payload: bytes) -> str | None:
     try:
         value = msgspec.json.decode(payload)
-    except msgspec.DecodeError:
+    except (msgspec.DecodeError, UnicodeDecodeError, RecursionError):
         return None
     command_id = value.get("command_id") if isinstance(value, dict) else None
     return command_id if isinstance(command_id, str) and len(command_id) <= 128 else None

@@ -377,12 +377,14 @@ class Outbox:
                 "ON CONFLICT (key) DO UPDATE SET value = excluded.value", (key, value))
 
     def forget_oldest(self, prefix: str, keep: int) -> int:
-        """Deletes all but the `keep` most recently written keys starting with `prefix`."""
+        """Deletes all but the `keep` most recently added keys starting with `prefix` (an
+        update keeps a key's place)."""
         with self.transaction():
+            n = len(prefix)
             cursor = self._connection().execute(
-                "DELETE FROM kv WHERE key >= ? AND key < ? AND rowid NOT IN (SELECT rowid FROM "
-                "kv WHERE key >= ? AND key < ? ORDER BY rowid DESC LIMIT ?)",
-                (prefix, prefix + "\uffff", prefix, prefix + "\uffff", keep))
+                "DELETE FROM kv WHERE substr(key, 1, ?) = ? AND rowid NOT IN (SELECT rowid "
+                "FROM kv WHERE substr(key, 1, ?) = ? ORDER BY rowid DESC LIMIT ?)",
+                (n, prefix, n, prefix, keep))
             return cursor.rowcount
 
     # --- lifetime --------------------------------------------------------------------------

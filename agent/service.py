@@ -50,6 +50,10 @@ from edgefleet.inference import load_model
 
 log = logging.getLogger(__name__)
 
+# What a config command may set an interval to. NaN fails both comparisons, so it is refused.
+MIN_INTERVAL_S = 0.1
+MAX_INTERVAL_S = 3600.0
+
 
 class Agent:
     def __init__(self, config: AgentConfig, *, notifier: SystemdNotifier | None = None) -> None:
@@ -115,6 +119,9 @@ class Agent:
         try:
             while not stop.is_set():
                 now = time.monotonic()
+                # A config command may have shortened an interval: do not wait out the old one.
+                next_window = min(next_window, now + self.telemetry_interval_s)
+                next_heartbeat = min(next_heartbeat, now + self.heartbeat_interval_s)
                 if now >= next_window:
                     self.close_window()
                     next_window = now + self.telemetry_interval_s
@@ -169,7 +176,15 @@ class Agent:
     def _install_worker(self, stop: threading.Event) -> None:
         self.installer.resume()
         while not stop.is_set():
-            if self.installer.run_next() is None:
+            try:
+                ran = self.installer.run_next()
+            except Exception:
+                # A dead installer thread would leave the agent alive but unable to install
+                # anything, ever: log, pause, go on with the next deploy.
+                log.exception("an install failed unexpectedly")
+                stop.wait(1.0)
+                continue
+            if ran is None:
                 self.deploys_waiting.wait(timeout=0.5)
                 self.deploys_waiting.clear()
             self.forwarder.wake()
@@ -181,7 +196,10 @@ class Agent:
         if isinstance(item, KeyChainUpdate):
             # Here, not in the control loop: a deploy signed by a new key may be queued right
             # behind the list that introduces it, and the installer must see the list first.
-            self.trust.apply_chain(item.payload)
+            try:
+                self.trust.apply_chain(item.payload)
+            except Exception:      # paho's thread must survive whatever a payload does
+                log.exception("could not apply a key chain")
             return
         if isinstance(item, Inbound) and isinstance(item.message, ArtifactChunk):
             try:  # chunks go straight to the installer; a full window is re-requested
@@ -218,6 +236,15 @@ class Agent:
             threading.Thread(target=self._shadow, args=(message,), name="shadow",
                              daemon=True).start()
         elif isinstance(message, ConfigCommand):
+            wanted = {"telemetry_interval_s": message.telemetry_interval_s,
+                      "heartbeat_interval_s": message.heartbeat_interval_s}
+            bad = [f"{name}={value}" for name, value in wanted.items()
+                   if value is not None and not MIN_INTERVAL_S <= value <= MAX_INTERVAL_S]
+            if bad:
+                self._status(message.command_id, "config", CommandState.REJECTED,
+                             f"out of range ({MIN_INTERVAL_S}..{MAX_INTERVAL_S} s): "
+                             + ", ".join(bad))
+                return
             if message.telemetry_interval_s:
                 self.telemetry_interval_s = message.telemetry_interval_s
             if message.heartbeat_interval_s:

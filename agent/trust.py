@@ -19,13 +19,20 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from agent.durable import write_atomically
 from edgefleet.contract import ContractError
-from edgefleet.contract.keylist import Advance, KeyList, encode_list, load_root, read_list
+from edgefleet.contract.keylist import Advance, KeyList, chain_origin, load_root
 from edgefleet.contract.keylist import advance as advance_chain
 from edgefleet.contract.signing import key_id, public_key_from_pem
 
 log = logging.getLogger(__name__)
 
 STATE_FILE = "trusted-keys.json"
+
+
+class StoredTrust(msgspec.Struct, frozen=True):
+    """The newest list accepted, and the fleet (bundle chain) it descends from."""
+
+    origin: str
+    list: KeyList
 
 
 def trusted_keys(directory: Path) -> dict[str, Ed25519PublicKey]:
@@ -48,6 +55,7 @@ class TrustStore:
         self._state = state_dir / STATE_FILE
         self._lock = threading.Lock()
         self._current: KeyList | None = None
+        self._origin = ""
         if root_file is not None:
             self._current = self._load(root_file)
 
@@ -76,7 +84,8 @@ class TrustStore:
                 return None
             result = advance_chain(self._current, payload)
             if result.accepted:
-                write_atomically(self._state, encode_list(result.current), mode=0o600)
+                write_atomically(self._state, msgspec.json.encode(
+                    StoredTrust(self._origin, result.current)), mode=0o600)
                 self._current = result.current
         if result.accepted:
             log.info("trusted keys now version %d (%s); retired: %s", result.current.version,
@@ -88,17 +97,23 @@ class TrustStore:
 
     def _load(self, root_file: Path) -> KeyList:
         try:
-            root = load_root(root_file.read_bytes())
+            bundle = root_file.read_bytes()
         except OSError as exc:
             raise ContractError("trust.root_file", "$", "a readable key chain",
                                 f"{root_file}: {exc.strerror or exc}") from None
+        root = load_root(bundle)
+        self._origin = chain_origin(bundle)
         try:
-            stored = read_list(self._state.read_bytes())
+            stored = msgspec.json.decode(self._state.read_bytes(), type=StoredTrust)
         except FileNotFoundError:
             return root
-        except (ContractError, msgspec.DecodeError, ValueError) as exc:
+        except (msgspec.DecodeError, ValueError) as exc:
             # Our own file, written atomically: unreadable means the disk lied. Start over from
             # the bundle; the retained chain brings the device forward again on connect.
             log.error("ignoring %s (%s): starting from the bundle's key list", self._state, exc)
             return root
-        return stored if stored.version >= root.version else root
+        if stored.origin != self._origin:
+            log.warning("ignoring %s: it follows another fleet's keys (the device was "
+                        "re-enrolled); starting from the bundle's key list", self._state)
+            return root
+        return stored.list if stored.list.version >= root.version else root

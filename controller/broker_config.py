@@ -16,8 +16,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from controller.pki import CertificateKind, FleetCA, write_private
-from edgefleet.contract import TopicSchema
+from controller.pki import CertificateKind, FleetCA, PKIError, write_private
+from edgefleet.contract import TopicSchema, validate_device_id
 
 CONF = "mosquitto.conf"
 ACL = "acl"
@@ -28,8 +28,10 @@ class BrokerLimits:
     # A chunk is 32 KiB by default; a publish above this is dropped by the broker (PUBACK with
     # an error), so no client can push a huge message through it to a device.
     message_size_limit: int = 256 * 1024
-    max_queued_messages: int = 1000        # per offline device session
-    max_queued_bytes: int = 16 * 2**20     # and in bytes: chunks fill the count slowly
+    # Per client session. A device's holds a few commands and a chunk window; a controller
+    # that restarts gets the whole fleet's telemetry queued in its session meanwhile.
+    max_queued_messages: int = 10_000
+    max_queued_bytes: int = 64 * 2**20
     max_inflight_messages: int = 20
     autosave_interval_s: int = 5
     max_keepalive_s: int = 300
@@ -112,6 +114,15 @@ def write_broker_config(ca: FleetCA, schema: TopicSchema, directory: Path, *, po
     """Writes mosquitto.conf, the ACL and a fresh broker certificate into `directory`; the CA
     certificate and the revocation list stay in the CA's folder, so a revocation needs no
     second copy."""
+    # Every name checked before anything is written: a refused run changes nothing.
+    both = set(observers) & set(controllers)
+    if both:
+        raise PKIError(f"{sorted(both)} cannot be both observer and controller")
+    for kind, identities in ((CertificateKind.OBSERVER, observers),
+                             (CertificateKind.CONTROLLER, controllers)):
+        for name in identities:
+            validate_device_id(name)
+            ca.check_name(name, kind)
     directory.mkdir(parents=True, exist_ok=True)
     (directory / "data").mkdir(exist_ok=True)
     names = tuple(dict.fromkeys([*hostnames, bind, "localhost", "127.0.0.1"]))

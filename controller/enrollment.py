@@ -48,10 +48,11 @@ def enroll_device(ca: FleetCA, keys_dir: Path, device_id: str, directory: Path, 
     topic_root; `agent` adds or overrides other sections of agent.toml (inference,
     hardware, telemetry...)."""
     validate_device_id(device_id)
-    directory.mkdir(parents=True, exist_ok=True)
-    for name in (DEVICE_KEY, DEVICE_CERT, AGENT_CONFIG):
+    for name in (DEVICE_KEY, DEVICE_CERT, AGENT_CONFIG, CA_CERT, KEY_CHAIN):
         if (directory / name).exists():
             raise FileExistsError(f"{directory / name} exists: choose an empty folder")
+    ca.check_name(device_id, CertificateKind.DEVICE)
+    directory.mkdir(parents=True, exist_ok=True)
     credentials = ca.issue(device_id, CertificateKind.DEVICE, days=days, valid_from=valid_from)
     write_private(directory / DEVICE_KEY, credentials.key_pem)
     (directory / DEVICE_CERT).write_bytes(credentials.cert_pem)

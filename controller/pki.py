@@ -167,11 +167,7 @@ class FleetCA:
 
         A name belongs to one kind: the broker grants by name, so a device enrolled as
         "edgefleet-controller" would get the controller's rights."""
-        clash = [r for r in self.records() if r.common_name == common_name
-                 and r.kind is not kind and r.revoked_at is None]
-        if clash and kind is not CertificateKind.BROKER:
-            raise PKIError(f"{common_name!r} is already a {clash[0].kind.value}'s name; "
-                           f"choose another name for this {kind.value}")
+        self.check_name(common_name, kind)
         key = ec.generate_private_key(ec.SECP256R1())
         start = _utc(valid_from) if valid_from is not None else (
             dt.datetime.now(dt.timezone.utc) - dt.timedelta(minutes=5))
@@ -201,6 +197,14 @@ class FleetCA:
         with self._locked():
             _replace(self.directory / INDEX, msgspec.json.encode([*self._records(), record]))
         return Credentials(_key_pem(key), cert.public_bytes(serialization.Encoding.PEM), record)
+
+    def check_name(self, common_name: str, kind: CertificateKind) -> None:
+        """Refuses a name that a live certificate of another kind holds."""
+        clash = [r for r in self.records() if r.common_name == common_name
+                 and r.kind is not kind and r.revoked_at is None]
+        if clash and kind is not CertificateKind.BROKER:
+            raise PKIError(f"{common_name!r} is already a {clash[0].kind.value}'s name; "
+                           f"choose another name for this {kind.value}")
 
     def records(self) -> list[IssuedCertificate]:
         with self._locked():

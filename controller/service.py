@@ -113,11 +113,28 @@ class Controller:
                     stop.wait(1.0)
                     continue
                 except Exception:
-                    log.exception("ingest of a batch failed; retrying it")
-                    stop.wait(1.0)
-                    continue
+                    log.exception("ingest of a batch failed; storing its messages one by one")
+                    try:
+                        self._ingest_one_by_one(batch)
+                    except DatabaseUnavailable as exc:
+                        log.error("database unavailable, retrying the batch: %s", exc)
+                        stop.wait(1.0)
+                        continue
                 self.link.ack(batch)
                 break
+
+    def _ingest_one_by_one(self, batch: list[Received]) -> None:
+        """A message that breaks ingest must not stop it for the whole fleet: each one is
+        stored alone, and one that still fails is counted, logged and dropped."""
+        for item in batch:
+            try:
+                self.ingest([item])
+            except DatabaseUnavailable:
+                raise
+            except Exception as exc:
+                self.malformed += 1
+                log.error("dropped a message on %s that could not be stored: %r",
+                          item.topic, exc)
 
     def ingest(self, batch: list[Received]) -> None:
         """Routes one batch by channel; each channel's rows go in one transaction."""

@@ -30,6 +30,7 @@ from tests.broker import (
 from tests.controlled_fleet import ControlledFleet
 
 PROBE = "probe"
+TESTER = "tester"     # a second controller identity: writes commands while serve runs
 
 TEST_AGENT: dict[str, dict[str, Any]] = {
     "broker": {"keepalive_s": 5, "reconnect_min_s": 0.2, "reconnect_max_s": 1.0},
@@ -119,6 +120,12 @@ class SecureFleet(ControlledFleet):
         return self.tls_client(broker / f"{PROBE}.crt", broker / f"{PROBE}.key",
                                client_id=PROBE, **kwargs)
 
+    def as_tester(self, **kwargs: Any) -> LoopbackClient:
+        """A controller identity of its own, so it does not displace `edgefleet serve`."""
+        broker = self.home / "broker"
+        return self.tls_client(broker / f"{TESTER}.crt", broker / f"{TESTER}.key",
+                               client_id=TESTER, **kwargs)
+
     def as_controller(self, **kwargs: Any) -> LoopbackClient:
         pki = self.home / "pki"
         return self.tls_client(pki / "controller.crt", pki / "controller.key", **kwargs)
@@ -138,7 +145,8 @@ def make_secure_fleet(tmp_path: Path) -> SecureFleet:
     probe = ControlledFleet(home=home, broker=None, tmp=tmp_path)  # type: ignore[arg-type]
     probe.cli("init", "--topic-root", root)
     user = ["--user", "root"] if os.geteuid() == 0 else []
-    probe.cli("broker-config", "--port", str(port), "--observer", PROBE, *user)
+    probe.cli("broker-config", "--port", str(port), "--observer", PROBE, "--controller", TESTER,
+              *user)
     broker = GeneratedBroker(home / "broker" / "mosquitto.conf", port)
     return SecureFleet(home=home, broker=broker, tmp=tmp_path)
 

@@ -147,3 +147,25 @@ def test_a_redelivered_deploy_is_executed_once(fleet: Fleet, int8_model: Path) -
     finals = [s for s in fleet.peer.statuses(DEVICE, "dup-1") if s.state.value == "succeeded"]
     accepted = [s for s in fleet.peer.statuses(DEVICE, "dup-1") if s.state.value == "accepted"]
     assert len(finals) == 1 and len(accepted) == 1
+
+
+def test_a_config_command_out_of_range_is_refused_and_a_good_one_applies_at_once(
+        fleet: Fleet) -> None:
+    deploy_v1(fleet)
+    # A huge heartbeat interval once silenced an agent for good. (NaN and infinity cannot
+    # arrive: JSON has neither, msgspec refuses 1e999, and MessagePack is refused here.)
+    for command_id, interval in (("cfg-huge", 2.0**64), ("cfg-negative", -1.0),
+                                 ("cfg-tiny", 0.001)):
+        fleet.peer.send(DEVICE, CommandKind.CONFIG, ConfigCommand(
+            command_id=command_id, ts=time.time(), heartbeat_interval_s=interval))
+        status = fleet.peer.final_status(DEVICE, command_id)
+        assert status.state.value == "rejected" and "out of range" in status.reason, status
+    # A long interval then a short one: the short one takes effect without waiting out the
+    # long one.
+    for command_id, interval in (("cfg-long", 3600.0), ("cfg-short", 0.2)):
+        fleet.peer.send(DEVICE, CommandKind.CONFIG, ConfigCommand(
+            command_id=command_id, ts=time.time(), telemetry_interval_s=interval))
+        assert fleet.peer.final_status(DEVICE, command_id).state.value == "succeeded"
+    count = len(fleet.peer.telemetry(DEVICE))
+    time.sleep(2.0)
+    assert len(fleet.peer.telemetry(DEVICE)) - count >= 4

@@ -269,3 +269,121 @@ intervall_s = 5.0
     assert "Traceback" not in result.stderr
     assert not state.exists()          # nothing was created either
     assert elapsed < 30
+
+
+# --- paths relative to the config file, trust and the deploy queue -------------------------------
+
+BUNDLE = """
+device_id = "pi-0001"
+state_dir = "state"
+
+[broker]
+port = 8883
+ca_file = "ca.crt"
+cert_file = "tls/device.crt"
+key_file = "./tls/device.key"
+
+[trust]
+keys_dir = "../keys"
+root_file = "key-chain.json"
+
+[inference]
+source = "replay"
+replay_file = "data/replay.npz"
+
+[hardware]
+root = "fakeroot"
+"""
+
+
+def test_relative_paths_are_relative_to_the_config_files_folder(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    bundle = tmp_path / "etc" / "edgefleet"
+    bundle.mkdir(parents=True)
+    write(bundle, BUNDLE)
+    monkeypatch.chdir(tmp_path)                          # not where the bundle is
+
+    config = load_config(Path("etc/edgefleet/agent.toml"))
+
+    base = bundle.resolve()
+    assert config.state_dir == base / "state"
+    assert (config.broker.ca_file, config.broker.cert_file, config.broker.key_file) == (
+        base / "ca.crt", base / "tls/device.crt", base / "tls/device.key")
+    assert config.trust.keys_dir == base / "../keys"
+    assert config.trust.root_file == base / "key-chain.json"
+    assert config.inference.replay_file == base / "data/replay.npz"
+    assert config.hardware.root == base / "fakeroot"
+    assert all(p is not None and p.is_absolute() for p in (
+        config.state_dir, config.broker.ca_file, config.trust.root_file, config.hardware.root))
+
+
+def test_a_bundle_works_wherever_it_is_copied(tmp_path: Path) -> None:
+    first, second = tmp_path / "a", tmp_path / "b" / "c"
+    for folder in (first, second):
+        folder.mkdir(parents=True)
+        write(folder, BUNDLE)
+
+    one, other = load_config(first / "agent.toml"), load_config(second / "agent.toml")
+
+    assert one.broker.ca_file == first.resolve() / "ca.crt"
+    assert other.broker.ca_file == second.resolve() / "ca.crt"
+
+
+def test_absolute_paths_stay_as_written(tmp_path: Path) -> None:
+    config = load_config(write(tmp_path, FULL))
+
+    assert config.state_dir == Path("/srv/edgefleet")
+    assert config.broker.ca_file == Path("/etc/edgefleet/tls/ca.pem")
+    assert config.trust.keys_dir == Path("/etc/edgefleet/keys.d")
+    assert config.inference.directory == Path("/srv/inbox")
+    assert config.hardware.root == Path("/tmp/fakeroot")
+
+
+def test_unset_paths_stay_unset(tmp_path: Path) -> None:
+    config = load_config(write(tmp_path, MINIMAL))
+
+    assert config.trust.root_file is None
+    assert (config.broker.ca_file, config.broker.cert_file, config.broker.key_file) == (
+        None, None, None)
+    assert config.inference.directory is None
+
+
+def test_trust_root_file_is_read(tmp_path: Path) -> None:
+    config = load_config(write(tmp_path, _with(
+        'root_file = "/etc/edgefleet/key-chain.json"', "trust")))
+
+    assert config.trust.root_file == Path("/etc/edgefleet/key-chain.json")
+    assert config.trust.keys_dir == AgentConfig(device_id="x").trust.keys_dir
+
+
+def test_max_queued_deploys_defaults_and_can_be_set(tmp_path: Path) -> None:
+    assert load_config(write(tmp_path, MINIMAL)).install.max_queued_deploys == 8
+
+    config = load_config(write(tmp_path, _with("max_queued_deploys = 2", "install"),
+                               name="two.toml"))
+
+    assert config.install.max_queued_deploys == 2
+
+
+@pytest.mark.parametrize(("line", "problem"), [
+    ("max_queued_deploys = 0", "positive"),
+    ("max_queued_deploys = -3", "positive"),
+    ('max_queued_deploys = "8"', "Expected `int`"),
+    ("max_queued_deploys = 2.5", "Expected `int`"),
+], ids=["zero", "negative", "string", "float"])
+def test_max_queued_deploys_must_be_a_positive_integer(tmp_path: Path, line: str,
+                                                       problem: str) -> None:
+    path = write(tmp_path, _with(line, "install"))
+
+    with pytest.raises(ConfigError) as caught:
+        load_config(path)
+
+    assert caught.value.field == "install.max_queued_deploys"
+    assert problem in str(caught.value)
+
+
+def test_a_path_in_trust_must_be_a_string(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as caught:
+        load_config(write(tmp_path, _with("root_file = 5", "trust")))
+
+    assert caught.value.field == "trust.root_file"

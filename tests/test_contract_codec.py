@@ -4,6 +4,7 @@ where the contract says so (unknown fields, unknown statuses) and strict everywh
 from __future__ import annotations
 
 import contextlib
+from pathlib import Path
 
 import msgspec
 import pytest
@@ -13,11 +14,13 @@ from hypothesis import strategies as st
 from edgefleet.contract import (
     CHANNEL_TYPES,
     COMMAND_TYPES,
+    ArtifactChunk,
     CommandKind,
     CommandState,
     CommandStatus,
     ContractError,
     DecodeError,
+    DeployCommand,
     EncodeError,
     Heartbeat,
     Presence,
@@ -144,3 +147,25 @@ def test_mutated_valid_payloads_decode_or_raise_contract_errors(name: str, field
     except DecodeError:
         return
     assert type(decoded) is type(EXAMPLES[name])
+
+
+def test_messagepack_is_accepted_only_on_channels_that_use_it() -> None:
+    """A MessagePack deploy once put MessagePack bytes where the agent keeps signed JSON, and
+    the queued command could never be read back; JSON stays accepted everywhere."""
+    golden = Path(__file__).parent / "golden" / "deploy.v1.json"
+    as_msgpack = msgspec.msgpack.encode(msgspec.json.decode(golden.read_bytes()))
+    with pytest.raises(DecodeError, match="MessagePack"):
+        decode(DeployCommand, as_msgpack)
+    chunk = ArtifactChunk(artifact_id="a", index=0, total=1, data=b"\x00\x01")
+    assert decode(ArtifactChunk, encode(chunk)) == chunk                  # MessagePack
+    assert decode(ArtifactChunk, msgspec.json.encode(chunk)) == chunk     # JSON by hand
+
+
+@pytest.mark.parametrize("payload", [
+    b'{"type":"heartbeat","v":1,"device_id":"\xff","ts":1,"uptime_s":1}',
+    b'{"type":"heartbeat","v":1,"device_id":"pi-7","ts":1.0,"uptime_s":1.0,"zz":'
+    + b"[" * 5000 + b"]" * 5000 + b"}",
+], ids=["invalid-utf8", "deep-nesting"])
+def test_invalid_utf8_and_deep_nesting_are_decode_errors(payload: bytes) -> None:
+    with pytest.raises(DecodeError):
+        decode(Heartbeat, payload)

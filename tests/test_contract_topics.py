@@ -19,6 +19,7 @@ from edgefleet.contract import (
     EncodeError,
     Topic,
     TopicSchema,
+    validate_device_id,
 )
 from edgefleet.contract import topics as topics_module
 
@@ -148,3 +149,11 @@ def test_controller_acl_reads_every_device_outbound_channel_and_writes_the_inbou
         assert acl[schema.filter(channel)] == expected, channel
     assert acl["f/fleet/keys"] == "readwrite"
     assert not any("%u" in topic for topic in acl)
+
+
+def test_a_trailing_newline_is_no_device_id() -> None:
+    schema = TopicSchema("e")
+    with pytest.raises(DecodeError):
+        schema.parse("e/dev/pi-1\n/telemetry")
+    with pytest.raises(EncodeError):
+        validate_device_id("pi-1\n")

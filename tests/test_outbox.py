@@ -453,3 +453,73 @@ class OutboxRuns(RuleBasedStateMachine):
 TestOutboxRuns = OutboxRuns.TestCase
 TestOutboxRuns.settings = settings(max_examples=40, stateful_step_count=25, deadline=None,
                                    suppress_health_check=[HealthCheck.too_slow])
+
+
+# --- forget_oldest: bounded key/value memories ---------------------------------------------------
+
+def test_forget_oldest_keeps_the_newest_keys_of_a_prefix_and_no_other(path: Path) -> None:
+    with open_outbox(path) as outbox:
+        for i in range(10):
+            outbox.set(f"seen:cmd-{i}", b"1")
+            outbox.set(f"other:{i}", b"2")
+        outbox.set("seen", b"3")                         # the prefix's neighbours, not under it
+        outbox.set("seen;x", b"4")
+        outbox.set("install", b"5")
+
+        assert outbox.forget_oldest("seen:", keep=3) == 7
+
+        assert [outbox.get(f"seen:cmd-{i}") for i in range(10)] == [None] * 7 + [b"1"] * 3
+        assert all(outbox.get(f"other:{i}") == b"2" for i in range(10))
+        assert (outbox.get("seen"), outbox.get("seen;x"), outbox.get("install")) == (
+            b"3", b"4", b"5")
+
+
+def test_forget_oldest_goes_by_write_order_not_by_key_order(path: Path) -> None:
+    with open_outbox(path) as outbox:
+        for name in ("zulu", "alpha", "mike", "bravo"):
+            outbox.set(f"seen:{name}", b"1")
+
+        outbox.forget_oldest("seen:", keep=2)
+
+        assert [name for name in ("zulu", "alpha", "mike", "bravo")
+                if outbox.get(f"seen:{name}") is not None] == ["mike", "bravo"]
+
+
+def test_forget_oldest_with_room_to_spare_deletes_nothing_and_survives_reopen(
+        path: Path) -> None:
+    with open_outbox(path) as outbox:
+        for i in range(4):
+            outbox.set(f"seen:{i}", b"1")
+        assert outbox.forget_oldest("seen:", keep=4) == 0
+        assert outbox.forget_oldest("seen:", keep=100) == 0
+        assert outbox.forget_oldest("nothing-here:", keep=1) == 0
+        assert outbox.forget_oldest("seen:", keep=1) == 3
+
+    with open_outbox(path) as outbox:
+        assert [outbox.get(f"seen:{i}") for i in range(4)] == [None, None, None, b"1"]
+
+
+def test_forget_oldest_is_undone_with_the_transaction_around_it(path: Path) -> None:
+    with open_outbox(path) as outbox:
+        for i in range(5):
+            outbox.set(f"seen:{i}", b"1")
+
+        with pytest.raises(RuntimeError), outbox.transaction():
+            outbox.forget_oldest("seen:", keep=0)
+            raise RuntimeError("crash before commit")
+
+        assert all(outbox.get(f"seen:{i}") == b"1" for i in range(5))
+
+
+def test_forget_oldest_covers_keys_with_any_character_after_the_prefix(path: Path) -> None:
+    # Command ids are any string the controller chose; a key under the prefix is under it
+    # whatever characters follow, those outside the Basic Multilingual Plane included.
+    with open_outbox(path) as outbox:
+        for name in ("cmd-\U0001f680-1", "cmd-\U0001f680-2", "cmd-3", "\U0001f680"):
+            outbox.set(f"seen:{name}", b"1")
+
+        assert outbox.forget_oldest("seen:", keep=1) == 3
+
+        assert [outbox.get(f"seen:{n}") for n in (
+            "cmd-\U0001f680-1", "cmd-\U0001f680-2", "cmd-3", "\U0001f680")] == [
+            None, None, None, b"1"]

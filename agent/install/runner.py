@@ -33,6 +33,7 @@ from edgefleet.contract import (
     ChunkRequest,
     CommandState,
     CommandStatus,
+    ContractError,
     DeployCommand,
     InstallStage,
     Manifest,
@@ -132,7 +133,14 @@ class Installer:
                 if not queued:
                     return None
                 self._cancel.clear()
-                command = decode(DeployCommand, queued[0])
+                try:
+                    command = decode(DeployCommand, queued[0])
+                except ContractError as exc:
+                    # Stored by an older agent or damaged on disk: dropped, or it would stop
+                    # every install after it, on every start.
+                    log.error("dropped an unreadable queued deploy: %s", exc)
+                    self._set_queue(queued[1:])
+                    return None
                 manifest = _peek_manifest(bytes(command.manifest))
                 record = InstallRecord(command_id=command.command_id, command=queued[0],
                                        model_name=manifest.model_name if manifest else "",

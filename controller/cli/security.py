@@ -74,6 +74,8 @@ def broker_config(home: Path | None, out_dir: Path | None, port: int, bind: str,
             files = write_broker_config(ca, schema, directory, port=port, bind=bind,
                                         hostnames=hostnames, observers=observers,
                                         controllers=controllers, run_as=run_as)
+        except EncodeError as exc:
+            raise click.ClickException(f"identity name {exc.got}: {exc.expected}") from None
         except (PKIError, OSError) as exc:
             raise click.ClickException(str(exc)) from None
         if not files.controllers:

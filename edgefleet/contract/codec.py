@@ -1,9 +1,9 @@
 """Encoding and decoding of wire messages, with one error type for every bad payload.
 
 Each channel's payload type and encoding come from tables here and in contract.topics. Decoding
-accepts JSON or MessagePack whatever the channel prefers (every message is a map, and a
-MessagePack map's first byte is one no JSON text starts with), so a debugging operator can
-publish JSON by hand with mosquitto_pub.
+accepts JSON on every channel, so a debugging operator can publish JSON by hand with
+mosquitto_pub, and MessagePack where the channel uses it (a MessagePack map's first byte is one
+no JSON text starts with).
 """
 
 from __future__ import annotations
@@ -79,6 +79,11 @@ def decode(message_type: type[M], payload: bytes) -> M:
     """Decodes and validates one payload, or raises `DecodeError` naming field, expected, got."""
     what = message_type.__name__
     is_json = not payload or not (0x80 <= payload[0] <= 0x8F or payload[0] in (0xDE, 0xDF))
+    if not is_json and _ENCODING_OF_TYPE.get(message_type) is not Encoding.MSGPACK:
+        # JSON is accepted everywhere (an operator can publish by hand), MessagePack only where
+        # the channel uses it: a JSON message carries raw signed JSON (the manifest) and no
+        # NaN or infinity, which a MessagePack payload could smuggle in.
+        raise DecodeError(what, "$", "a JSON object", "a MessagePack map")
     try:
         if is_json:
             decoder = _json_decoders.get(message_type)
@@ -93,7 +98,9 @@ def decode(message_type: type[M], payload: bytes) -> M:
             message = mp_decoder.decode(payload)
     except msgspec.ValidationError as exc:
         raise _validation_error(what, str(exc)) from None
-    except msgspec.DecodeError as exc:
+    # Invalid UTF-8 in a string raises UnicodeDecodeError, deep nesting RecursionError: the
+    # peer's malformed payload like any other.
+    except (msgspec.DecodeError, UnicodeDecodeError, RecursionError) as exc:
         raise DecodeError(what, "$", "a JSON object or a MessagePack map",
                           f"malformed payload ({exc})") from None
     if not 1 <= message.v <= message_type.VERSION:
@@ -116,7 +123,7 @@ def decode_json_object(payload: bytes, what: str) -> dict[str, Any]:
     """A payload as a plain JSON object, for canonical signing of what was received."""
     try:
         obj = msgspec.json.decode(payload)
-    except msgspec.DecodeError as exc:
+    except (msgspec.DecodeError, UnicodeDecodeError, RecursionError) as exc:
         raise DecodeError(what, "$", "a JSON object", f"malformed payload ({exc})") from None
     if not isinstance(obj, dict):
         raise DecodeError(what, "$", "a JSON object", type(obj).__name__)

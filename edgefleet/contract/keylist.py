@@ -12,6 +12,7 @@ Pure: values in, values out; the caller stores the accepted list.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -112,7 +113,7 @@ def _parse(obj: Any, what: str) -> KeyList:
 def _objects(payload: bytes, what: str) -> list[Any]:
     try:
         value = msgspec.json.decode(payload)
-    except msgspec.DecodeError as exc:
+    except (msgspec.DecodeError, UnicodeDecodeError, RecursionError) as exc:
         raise DecodeError(what, "$", "JSON", f"malformed payload ({exc})") from None
     return value if isinstance(value, list) else [value]
 
@@ -153,6 +154,16 @@ def load_root(payload: bytes) -> KeyList:
     if result.stopped is not None:
         raise result.stopped
     return result.current
+
+
+def chain_origin(payload: bytes) -> str:
+    """Which fleet a chain belongs to: a digest of its first list. Two bundles of one fleet
+    share it; a device re-enrolled into another fleet sees it change."""
+    objects = [o for o in _objects(payload, "KeyList") if isinstance(o, dict)]
+    if not objects:
+        raise DecodeError("KeyList", "$", "a key list or a chain of them", "nothing usable")
+    first = min(objects, key=lambda o: _parse(o, "KeyList").version)
+    return hashlib.sha256(_canonical(first)).hexdigest()[:16]
 
 
 def read_list(payload: bytes) -> KeyList:

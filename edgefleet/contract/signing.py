@@ -56,7 +56,7 @@ def verify_manifest(payload: bytes, trusted: Mapping[str, Ed25519PublicKey], *,
     try:
         obj = decode_json_object(payload, "Manifest")
         manifest = msgspec.json.decode(payload, type=Manifest)
-    except (DecodeError, msgspec.DecodeError) as exc:
+    except (DecodeError, msgspec.DecodeError, UnicodeDecodeError, RecursionError) as exc:
         raise ManifestRejected("malformed", str(exc)) from None
     if manifest.v > Manifest.VERSION:
         raise ManifestRejected("unsupported", f"manifest version {manifest.v}")

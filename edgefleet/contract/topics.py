@@ -16,8 +16,9 @@ from edgefleet.contract.errors import DecodeError, EncodeError
 
 # Letters, digits, '.', '_' and '-': no MQTT wildcard, no level separator, no leading '$'.
 # The same id is the client certificate's common name and the broker username (issue 8).
-DEVICE_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
-_ROOT_LEVEL = re.compile(r"^[A-Za-z0-9._-]+$")
+# \Z, not $: "$" also matches before a trailing newline, and "pi-1\n" is no device id.
+DEVICE_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}\Z")
+_ROOT_LEVEL = re.compile(r"^[A-Za-z0-9._-]+\Z")
 
 
 class Channel(enum.Enum):
