@@ -16,12 +16,12 @@ import msgspec
 import pytest
 
 from agent.slots import Pointers
+from agent.trust import StoredTrust
 from controller.keys import chain_payload, key_chain, load_signing_key
 from edgefleet.contract import CommandKind, DeployCommand, TopicSchema, encode
 from edgefleet.contract.keylist import (
     KeyList,
     encode_chain,
-    read_list,
     sign_key_list,
     trusted_key,
 )
@@ -51,7 +51,9 @@ def _serving(fleet: SecureFleet, device_id: str) -> int | None:
 
 def _trusted_version(fleet: SecureFleet, device_id: str) -> int:
     path = fleet.tmp / f"state-{device_id}" / "trusted-keys.json"
-    return read_list(path.read_bytes()).version if path.exists() else 1
+    if not path.exists():
+        return 1
+    return msgspec.json.decode(path.read_bytes(), type=StoredTrust).list.version
 
 
 def _publish_chain(fleet: SecureFleet, peer: FleetPeer) -> None:
