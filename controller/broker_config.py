@@ -16,7 +16,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from controller.pki import CertificateKind, FleetCA, PKIError, write_private
+from controller.files import write_private
+from controller.pki import CertificateKind, FleetCA, PKIError
 from edgefleet.contract import TopicSchema, validate_device_id
 
 CONF = "mosquitto.conf"

@@ -15,8 +15,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from controller.files import write_private
 from controller.keys import chain_payload
-from controller.pki import CertificateKind, FleetCA, IssuedCertificate, write_private
+from controller.pki import CertificateKind, FleetCA, IssuedCertificate
 from edgefleet.contract import validate_device_id
 
 if sys.version_info >= (3, 11):

@@ -18,6 +18,7 @@ from pathlib import Path
 import msgspec
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from controller.files import replace_file, write_private
 from edgefleet.contract.keylist import (
     KeyList,
     encode_chain,
@@ -57,21 +58,8 @@ class Rotation:
     version: int
 
 
-def _write_new(path: Path, data: bytes) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
 
 
-def _replace(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with tmp.open("wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def create_signing_key(directory: Path) -> SigningKey:
@@ -81,7 +69,7 @@ def create_signing_key(directory: Path) -> SigningKey:
     if path.exists():
         raise SigningKeyError(f"{path} exists: refusing to replace the fleet's signing key")
     key = generate_private_key()
-    _write_new(path, private_key_to_pem(key))
+    write_private(path, private_key_to_pem(key))
     public = public_key_to_pem(key.public_key())
     (directory / PUBLIC_KEY).write_bytes(public)
     _write_first_list(directory, key)
@@ -90,7 +78,7 @@ def create_signing_key(directory: Path) -> SigningKey:
 
 def _write_first_list(directory: Path, key: Ed25519PrivateKey) -> None:
     first = KeyList(version=1, issued_at=time.time(), keys=(trusted_key(key.public_key()),))
-    _replace(directory / KEY_CHAIN, msgspec.json.encode([msgspec.json.decode(
+    replace_file(directory / KEY_CHAIN, msgspec.json.encode([msgspec.json.decode(
         sign_key_list(first, [key]))]))
 
 
@@ -142,7 +130,7 @@ def rotate_signing_key(directory: Path) -> Rotation:
     current = current_key_list(directory)
     new = generate_private_key()
     try:
-        _write_new(directory / NEXT_KEY, private_key_to_pem(new))
+        write_private(directory / NEXT_KEY, private_key_to_pem(new))
     except FileExistsError:
         raise SigningKeyError(f"{directory / NEXT_KEY} exists: another rotation is running"
                               ) from None
@@ -154,7 +142,7 @@ def rotate_signing_key(directory: Path) -> Rotation:
         msgspec.json.decode(signed)]
     # The list first, then the key: a crash in between leaves NEXT_KEY, which the next load
     # moves into place (see _finish_rotation).
-    _replace(directory / KEY_CHAIN, msgspec.json.encode(lists))
+    replace_file(directory / KEY_CHAIN, msgspec.json.encode(lists))
     _finish_rotation(directory)
     return Rotation(old.key_id, key_id(new.public_key()), successor.version)
 
@@ -167,6 +155,6 @@ def _finish_rotation(directory: Path) -> None:
     chain = key_chain(directory)
     if chain and key_id(key.public_key()) in load_root(chain[-1]).public_keys():
         os.replace(pending, directory / SIGNING_KEY)
-        _replace(directory / PUBLIC_KEY, public_key_to_pem(key.public_key()))
+        replace_file(directory / PUBLIC_KEY, public_key_to_pem(key.public_key()))
     else:
         pending.unlink()     # the rotation died before its list was written: nothing changed

@@ -28,6 +28,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from controller.files import replace_file, write_private
+
 CA_CERT = "ca.crt"
 CA_KEY = "ca.key"
 CRL = "crl.pem"
@@ -74,22 +76,8 @@ def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
                              serialization.NoEncryption())
 
 
-def write_private(path: Path, data: bytes) -> None:
-    """A private key: created 0600 with O_EXCL, so an existing key is never replaced."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
 
 
-def _replace(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with tmp.open("wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 class FleetCA:
@@ -134,10 +122,10 @@ class FleetCA:
                                critical=False)
                 .sign(key, hashes.SHA256()))
         write_private(directory / CA_KEY, _key_pem(key))
-        _replace(directory / CA_CERT, cert.public_bytes(serialization.Encoding.PEM))
+        replace_file(directory / CA_CERT, cert.public_bytes(serialization.Encoding.PEM))
         ca = cls(directory, key, cert)
         with ca._locked():
-            _replace(directory / INDEX, msgspec.json.encode([]))
+            replace_file(directory / INDEX, msgspec.json.encode([]))
             ca._write_crl([])
         return ca
 
@@ -195,7 +183,7 @@ class FleetCA:
                                    kind=kind, not_before=start.timestamp(),
                                    not_after=end.timestamp())
         with self._locked():
-            _replace(self.directory / INDEX, msgspec.json.encode([*self._records(), record]))
+            replace_file(self.directory / INDEX, msgspec.json.encode([*self._records(), record]))
         return Credentials(_key_pem(key), cert.public_bytes(serialization.Encoding.PEM), record)
 
     def check_name(self, common_name: str, kind: CertificateKind) -> None:
@@ -222,7 +210,7 @@ class FleetCA:
                     revoked.append(record)
                 records.append(record)
             if revoked:
-                _replace(self.directory / INDEX, msgspec.json.encode(records))
+                replace_file(self.directory / INDEX, msgspec.json.encode(records))
                 self._write_crl(records)
             return revoked
 
@@ -253,7 +241,7 @@ class FleetCA:
                     .revocation_date(_utc(record.revoked_at)).build())
         crl = builder.sign(self._key, hashes.SHA256())
         # World-readable: the broker reads it, and it holds only serial numbers.
-        _replace(self.crl_path, crl.public_bytes(serialization.Encoding.PEM))
+        replace_file(self.crl_path, crl.public_bytes(serialization.Encoding.PEM))
         os.chmod(self.crl_path, 0o644)
 
     def _records(self) -> list[IssuedCertificate]:

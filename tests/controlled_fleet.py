@@ -59,6 +59,14 @@ class ControlledFleet:
         self.serve.send_signal(signal.SIGKILL)
         self.serve.wait(timeout=10)
 
+    def stop_processes(self) -> None:
+        """Every agent, then serve: what a fixture does when its test ends."""
+        for agent in self.agents.values():
+            agent.stop()
+        if self.serve is not None and self.serve.poll() is None:
+            self.serve.terminate()
+            self.serve.wait(timeout=15)
+
     def db(self) -> Engine:
         return make_engine(f"sqlite:///{self.home / 'fleet.db'}")
 
@@ -107,8 +115,4 @@ def controlled_fleet(tmp_path: Path, mosquitto: MosquittoBroker) -> Iterator[Con
     try:
         yield fleet
     finally:
-        for agent in fleet.agents.values():
-            agent.stop()
-        if fleet.serve is not None and fleet.serve.poll() is None:
-            fleet.serve.terminate()
-            fleet.serve.wait(timeout=15)
+        fleet.stop_processes()

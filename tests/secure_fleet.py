@@ -170,10 +170,6 @@ def _running(fleet: SecureFleet, *, serve: bool) -> Iterator[SecureFleet]:
     try:
         yield fleet
     finally:
-        for agent in fleet.agents.values():
-            agent.stop()
-        if fleet.serve is not None and fleet.serve.poll() is None:
-            fleet.serve.terminate()
-            fleet.serve.wait(timeout=15)
+        fleet.stop_processes()
         fleet.broker.stop()
         shutil.rmtree(fleet.home / "broker" / "data", ignore_errors=True)

@@ -22,10 +22,8 @@ from typing import Any
 
 import msgspec
 import pytest
-from click.testing import CliRunner, Result
 from sqlalchemy import text
 
-from controller.cli import main
 from controller.db import current_revision, head_revision, make_engine
 from controller.db.ingest import FactsWriter, PresenceWriter, TelemetryWriter, WriteResult
 from controller.settings import load_settings, write_settings
@@ -42,6 +40,7 @@ from edgefleet.contract import (
 )
 from edgefleet.hardware import load_profiles, match_profile, read_hardware
 from tests.broker import free_ports
+from tests.cli_helpers import as_json, invoke, ok, query, refused
 from tests.variants_helpers import DATA, SOURCE
 
 REPO = Path(__file__).resolve().parents[1]
@@ -69,47 +68,6 @@ def _no_leftover_wal(tmp_path: Path) -> Iterator[None]:
 
 
 # --- running the CLI -----------------------------------------------------------------------------
-
-def invoke(*args: str, home: Path | None = None, env: dict[str, str | None] | None = None
-           ) -> Result:
-    argv = [*args, "--home", str(home)] if home is not None else list(args)
-    return CliRunner().invoke(main, argv, env={"COLUMNS": "250", **(env or {})})
-
-
-def ok(*args: str, home: Path) -> str:
-    result = invoke(*args, home=home)
-    assert result.exit_code == 0, f"edgefleet {' '.join(args)} -> {result.exit_code}\n" \
-                                  f"{result.output}\n{result.exception!r}"
-    return result.output
-
-
-def as_json(*args: str, home: Path) -> Any:
-    result = invoke(*args, "--json", home=home)
-    assert result.exit_code == 0, result.output
-    return json.loads(result.stdout)
-
-
-def refused(result: Result, *fragments: str, code: int = 1) -> str:
-    """The CLI's one clear message: the exit code, a single `Error:` line, no traceback."""
-    assert result.exit_code == code, f"exit {result.exit_code}\n{result.output}"
-    assert result.exception is None or isinstance(result.exception, SystemExit), \
-        repr(result.exception)
-    assert "Traceback" not in result.output
-    errors = [line for line in result.output.splitlines() if line.startswith("Error:")]
-    assert len(errors) == 1, result.output
-    for fragment in fragments:
-        assert fragment in errors[0], f"{fragment!r} not in {errors[0]!r}"
-    return errors[0]
-
-
-def query(home: Path, sql: str, **params: Any) -> list[dict[str, Any]]:
-    engine = make_engine(load_settings(home).database_url)
-    try:
-        with engine.connect() as conn:
-            return [dict(r) for r in conn.execute(text(sql), params).mappings()]
-    finally:
-        engine.dispose()
-
 
 def execute(home: Path, sql: str, **params: Any) -> None:
     engine = make_engine(load_settings(home).database_url)

@@ -13,55 +13,20 @@ from typing import Any
 import msgspec
 import pytest
 import tomllib
-from click.testing import CliRunner, Result
 from cryptography import x509
 from cryptography.x509.oid import NameOID
-from sqlalchemy import text
 
 from agent.config import load_config
-from controller.cli import main
-from controller.db import make_engine
 from controller.keys import key_chain
 from controller.pki import CertificateKind, FleetCA
 from controller.settings import load_settings, write_settings
 from edgefleet.contract.keylist import load_root, read_list
+from tests.cli_helpers import invoke, ok, query, refused
 
 CONTROLLER = "edgefleet-controller"
 
 
 # --- running the CLI -----------------------------------------------------------------------------
-
-def invoke(*args: str, home: Path) -> Result:
-    return CliRunner().invoke(main, [*args, "--home", str(home)], env={"COLUMNS": "250"})
-
-
-def ok(*args: str, home: Path) -> str:
-    result = invoke(*args, home=home)
-    assert result.exit_code == 0, f"edgefleet {' '.join(args)} -> {result.exit_code}\n" \
-                                  f"{result.output}\n{result.exception!r}"
-    return result.output
-
-
-def refused(result: Result, *fragments: str) -> str:
-    """One line, `Error: ...`, exit 1, no traceback."""
-    assert result.exit_code == 1, f"exit {result.exit_code}\n{result.output}"
-    assert result.exception is None or isinstance(result.exception, SystemExit), \
-        repr(result.exception)
-    lines = result.output.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("Error: "), result.output
-    for fragment in fragments:
-        assert fragment in lines[0], f"{fragment!r} not in {lines[0]!r}"
-    return lines[0]
-
-
-def query(home: Path, sql: str, **params: Any) -> list[dict[str, Any]]:
-    engine = make_engine(load_settings(home).database_url)
-    try:
-        with engine.connect() as conn:
-            return [dict(r) for r in conn.execute(text(sql), params).mappings()]
-    finally:
-        engine.dispose()
-
 
 def audit(home: Path, action: str) -> list[dict[str, Any]]:
     rows = query(home, "SELECT subject, detail FROM audit_log WHERE action = :a ORDER BY id",
