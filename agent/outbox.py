@@ -376,6 +376,10 @@ class Outbox:
                 "INSERT INTO kv (key, value) VALUES (?, ?) "
                 "ON CONFLICT (key) DO UPDATE SET value = excluded.value", (key, value))
 
+    def delete(self, key: str) -> None:
+        with self.transaction():
+            self._connection().execute("DELETE FROM kv WHERE key = ?", (key,))
+
     def forget_oldest(self, prefix: str, keep: int) -> int:
         """Deletes all but the `keep` most recently added keys starting with `prefix` (an
         update keeps a key's place)."""

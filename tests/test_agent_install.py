@@ -118,3 +118,22 @@ def test_malformed_commands_are_answered_and_the_agent_keeps_running(fleet: Flee
     time.sleep(1.0)
     assert fleet.agent.alive
     fleet.serving(1)
+
+
+def test_an_unreadable_queued_deploy_is_dropped_and_the_next_one_installs(
+        fleet: Fleet) -> None:
+    """A queued command the agent cannot read back (a damaged file, or one stored by a bug)
+    once stopped every install after it, on every start."""
+    from agent.install.runner import QUEUE_KEY
+    from agent.outbox import Outbox
+
+    deploy_v1(fleet)
+    fleet.agent.stop()
+    with Outbox(fleet.state / "agent.db") as outbox:
+        outbox.set(QUEUE_KEY, msgspec.msgpack.encode([b"\x93not a deploy command"]))
+    fleet.agent.start()
+    command = fleet.peer.deploy(DEVICE, fleet.peer.manifest(DEVICE, SOURCE, version=2),
+                                watch_s=1.0)
+    assert fleet.peer.final_status(DEVICE, command).state.value == "succeeded"
+    assert "dropped an unreadable queued deploy" in fleet.agent.log_text()
+    fleet.serving(2)

@@ -212,3 +212,27 @@ def test_a_forged_key_chain_changes_nothing(secure_broker: SecureFleet) -> None:
 def _chain_lists(fleet: SecureFleet) -> list[bytes]:
     return key_chain(fleet.home / "keys")
 
+
+
+def test_a_deploy_queued_before_a_rotation_still_installs_but_later_ones_by_the_old_key_do_not(
+        secure_broker: SecureFleet) -> None:
+    """Offline, the device's session queues a deploy signed by the old key, then the chain
+    that retires it: the deploy was good when it arrived, so it installs."""
+    fleet = secure_broker
+    peer = _peer(fleet)
+    device = "queued"
+    agent = fleet.start_agent(device)
+    peer.wait(lambda: bool(peer.devices[device].presence), 30, "the agent online")
+    agent.stop()
+    old_key = peer.key
+    queued = peer.deploy(device, peer.manifest(device, SOURCE, version=1), watch_s=1.0)
+    fleet.cli("keys", "rotate")
+    peer.key = load_signing_key(fleet.home / "keys").private
+    _publish_chain(fleet, peer)
+    agent.start()
+    assert peer.final_status(device, queued).state.value == "succeeded"
+    assert _trusted_version(fleet, device) == 2
+    late = peer.deploy(device, peer.manifest(device, SOURCE, version=2), key=old_key)
+    status = peer.final_status(device, late)
+    assert status.state.value == "rejected" and "retired-key" in status.reason
+    peer.close()

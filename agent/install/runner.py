@@ -42,7 +42,7 @@ from edgefleet.contract import (
     decode,
     encode,
 )
-from edgefleet.contract.signing import verify_manifest
+from edgefleet.contract.signing import key_id, verify_manifest
 from edgefleet.contract.topics import Channel
 from edgefleet.inference import LoadedModel, RuntimeUnavailable, load_model
 
@@ -115,12 +115,35 @@ class Installer:
                 accepted = False
             else:
                 self._set_queue([*queued, raw_command])
+                self._note_signer(command)
                 self._report(command.command_id, CommandState.ACCEPTED, None, "queued")
                 accepted = True
             self._enqueued += 1
             if self._enqueued % 256 == 0:
                 self.ctx.outbox.forget_oldest("seen:", keep=SEEN_KEPT)
         return accepted
+
+    def _note_signer(self, command: DeployCommand) -> None:
+        """Keeps the public key that signed a deploy, if it is trusted as the deploy arrives.
+        A rotation that reaches the device while the deploy waits in the queue (both were
+        queued in its session while it was offline) then does not void it: the deploy was
+        good when it came, and its bytes are ours since."""
+        try:
+            manifest = verify_manifest(bytes(command.manifest), self.ctx.trusted_keys(),
+                                       device_id=self.ctx.device_id, now=self.ctx.clock(),
+                                       retired=self.ctx.retired_keys())
+        except ManifestRejected:
+            return       # _verify says why, in order
+        key = self.ctx.trusted_keys()[manifest.key_id]
+        self.ctx.outbox.set(f"signer:{command.command_id}", key.public_bytes_raw())
+
+    def _keys_for(self, command_id: str) -> dict[str, Ed25519PublicKey]:
+        keys = dict(self.ctx.trusted_keys())
+        raw = self.ctx.outbox.get(f"signer:{command_id}")
+        if raw is not None:
+            signer = Ed25519PublicKey.from_public_bytes(raw)
+            keys[key_id(signer)] = signer
+        return keys
 
     def run_next(self) -> InstallRecord | None:
         """Starts the oldest queued deploy and runs it to a final state."""
@@ -244,12 +267,15 @@ class Installer:
 
     def _verify(self, record: InstallRecord) -> None:
         assert self._command is not None
+        command_id = self._command.command_id
         try:
-            manifest = verify_manifest(bytes(self._command.manifest), self.ctx.trusted_keys(),
+            manifest = verify_manifest(bytes(self._command.manifest), self._keys_for(command_id),
                                        device_id=self.ctx.device_id, now=self.ctx.clock(),
                                        retired=self.ctx.retired_keys())
         except ManifestRejected as exc:
             raise StepFailed(f"manifest rejected: {exc.reason}: {exc.got}") from None
+        finally:
+            self.ctx.outbox.delete(f"signer:{command_id}")
         accepted = self._accepted_version(manifest.model_name)
         if manifest.model_version <= accepted:
             raise StepFailed(f"replayed: version {manifest.model_version} is not newer than "
