@@ -424,3 +424,18 @@ def test_a_home_without_settings_is_refused_by_every_security_command(tmp_path: 
         refused(invoke(*args, home=tmp_path / "nowhere"), "edgefleet init")
     assert not (tmp_path / "nowhere").exists() or files_in(tmp_path / "nowhere") == []
 
+
+
+def test_enroll_takes_labels_repeated_or_comma_separated(tmp_path: Path) -> None:
+    home = tmp_path / "home"
+    ok("init", home=home)
+    ok("broker-config", "--port", "18884", home=home)
+    ok("devices", "enroll", "pi-9", "--labels", "site=plant-7,tier=canary", "--label",
+       "room=3", "--out", str(tmp_path / "pi-9"), home=home)
+    rows = query(home, "SELECT labels FROM devices WHERE id = 'pi-9'")
+    labels = rows[0]["labels"]
+    labels = json.loads(labels) if isinstance(labels, str) else labels
+    assert labels == {"site": "plant-7", "tier": "canary", "room": "3"}
+    refused(invoke("devices", "enroll", "pi-10", "--labels", "site=a,oops", "--out",
+                   str(tmp_path / "pi-10"), home=home), "key=value")
+    assert not (tmp_path / "pi-10" / "device.key").exists()

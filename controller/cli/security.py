@@ -33,7 +33,7 @@ def _ca(home: Path) -> FleetCA:
 
 def _labels(pairs: tuple[str, ...]) -> dict[str, str]:
     labels = {}
-    for pair in pairs:
+    for pair in (p for group in pairs for p in group.split(",")):
         key, sep, value = pair.partition("=")
         if not sep or not key or not value:
             raise click.ClickException(f"labels are key=value, got {pair!r}")
@@ -103,7 +103,8 @@ def broker_config(home: Path | None, out_dir: Path | None, port: int, bind: str,
 @click.command("enroll")
 @home_option
 @click.argument("device_id")
-@click.option("--label", "labels", multiple=True, help="key=value (repeatable).")
+@click.option("--label", "--labels", "labels", multiple=True,
+              help="key=value (repeatable, or comma-separated: site=a,tier=canary).")
 @click.option("--out", "out_dir", type=click.Path(path_type=Path, file_okay=False),
               help="Bundle folder (default: HOME/enrollments/DEVICE_ID).")
 @click.option("--broker-host", help="Host devices use (default: the controller's).")
