@@ -34,10 +34,11 @@ CA_CERT = "ca.crt"
 CA_KEY = "ca.key"
 CRL = "crl.pem"
 INDEX = "issued.json"
-CRL_VALID_DAYS = 30
-# A revocation list this close to its nextUpdate is rewritten: OpenSSL (and so Mosquitto)
-# refuses every client once the list it holds has expired.
-CRL_REFRESH_MARGIN_S = 7 * 86_400
+# OpenSSL (and so Mosquitto) refuses every client once the list it holds has expired, and
+# Mosquitto reads the file only at start and on SIGHUP: a year leaves room for both.
+CRL_VALID_DAYS = 365
+# A revocation list this close to its nextUpdate is rewritten (by `edgefleet serve`).
+CRL_REFRESH_MARGIN_S = 30 * 86_400
 
 
 class PKIError(RuntimeError):
