@@ -20,6 +20,7 @@ from sqlalchemy import Engine, text
 
 from controller.cli import main
 from controller.db.engine import make_engine
+from controller.settings import load_settings
 from tests.agent_harness import ROOT, AgentProcess, agent_config
 from tests.broker import MosquittoBroker
 
@@ -68,7 +69,7 @@ class ControlledFleet:
             self.serve.wait(timeout=15)
 
     def db(self) -> Engine:
-        return make_engine(f"sqlite:///{self.home / 'fleet.db'}")
+        return make_engine(load_settings(self.home).database_url)
 
     def query(self, sql: str, **params: Any) -> list[dict[str, Any]]:
         engine = self.db()

@@ -138,15 +138,20 @@ class SecureFleet(ControlledFleet):
                                client_id=kwargs.pop("client_id", device_id), **kwargs)
 
 
-def make_secure_fleet(tmp_path: Path) -> SecureFleet:
+def make_secure_fleet(tmp_path: Path, *, database_url: str | None = None,
+                      controllers: tuple[str, ...] = ()) -> SecureFleet:
+    """The home (init, broker-config with a probe observer and the tester's controller
+    identity, plus `controllers`) and the broker, not started."""
     port = free_ports(1)[0]
     root = f"sec{tmp_path.name[-6:].replace('_', '')}/edgefleet"
     home = tmp_path / "home"
     probe = ControlledFleet(home=home, broker=None, tmp=tmp_path)  # type: ignore[arg-type]
-    probe.cli("init", "--topic-root", root)
+    probe.cli("init", "--topic-root", root,
+              *(["--database-url", database_url] if database_url else []))
     user = ["--user", "root"] if os.geteuid() == 0 else []
+    extra = [arg for name in controllers for arg in ("--controller", name)]
     probe.cli("broker-config", "--port", str(port), "--observer", PROBE, "--controller", TESTER,
-              *user)
+              *extra, *user)
     broker = GeneratedBroker(home / "broker" / "mosquitto.conf", port)
     return SecureFleet(home=home, broker=broker, tmp=tmp_path)
 
