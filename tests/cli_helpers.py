@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 from typing import Any
 
+import msgspec
 from click.testing import CliRunner, Result
 from sqlalchemy import text
 
 from controller.cli import main
 from controller.db import make_engine
-from controller.settings import load_settings
+from controller.settings import load_settings, write_settings
 
 
 def invoke(*args: str, home: Path | None = None, env: dict[str, str | None] | None = None
@@ -53,3 +55,11 @@ def query(home: Path, sql: str, **params: Any) -> list[dict[str, Any]]:
             return [dict(r) for r in conn.execute(text(sql), params).mappings()]
     finally:
         engine.dispose()
+
+
+def copy_home(template: Path, to: Path) -> Path:
+    """A copy of a home, its settings pointed at the copy's own database."""
+    shutil.copytree(template, to)
+    write_settings(to, msgspec.structs.replace(load_settings(template),
+                                               database_url=f"sqlite:///{to / 'fleet.db'}"))
+    return to

@@ -11,7 +11,6 @@ profiles, so plans and selection see realistic devices.
 from __future__ import annotations
 
 import json
-import shutil
 import sqlite3
 import subprocess
 import sys
@@ -20,13 +19,12 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import msgspec
 import pytest
 from sqlalchemy import text
 
 from controller.db import current_revision, head_revision, make_engine
 from controller.db.ingest import FactsWriter, PresenceWriter, TelemetryWriter, WriteResult
-from controller.settings import load_settings, write_settings
+from controller.settings import load_settings
 from edgefleet.contract import (
     ActiveModel,
     DeviceFacts,
@@ -40,7 +38,7 @@ from edgefleet.contract import (
 )
 from edgefleet.hardware import load_profiles, match_profile, read_hardware
 from tests.broker import free_ports
-from tests.cli_helpers import as_json, invoke, ok, query, refused
+from tests.cli_helpers import as_json, copy_home, invoke, ok, query, refused
 from tests.variants_helpers import DATA, SOURCE
 
 REPO = Path(__file__).resolve().parents[1]
@@ -122,14 +120,6 @@ def seed_devices(home: Path) -> None:
         assert TelemetryWriter(engine).write(windows) == WriteResult(stored=3)
     finally:
         engine.dispose()
-
-
-def copy_home(template: Path, to: Path) -> Path:
-    """A copy of a home, its settings pointed at the copy's own database."""
-    shutil.copytree(template, to)
-    write_settings(to, msgspec.structs.replace(load_settings(template),
-                                               database_url=f"sqlite:///{to / 'fleet.db'}"))
-    return to
 
 
 @pytest.fixture(scope="module")

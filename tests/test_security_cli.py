@@ -10,7 +10,6 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-import msgspec
 import pytest
 import tomllib
 from cryptography import x509
@@ -19,9 +18,8 @@ from cryptography.x509.oid import NameOID
 from agent.config import load_config
 from controller.keys import key_chain
 from controller.pki import CertificateKind, FleetCA
-from controller.settings import load_settings, write_settings
 from edgefleet.contract.keylist import load_root, read_list
-from tests.cli_helpers import invoke, ok, query, refused
+from tests.cli_helpers import copy_home, invoke, ok, query, refused
 
 CONTROLLER = "edgefleet-controller"
 
@@ -49,13 +47,6 @@ def raw_settings(home: Path) -> dict[str, Any]:
 
 
 # --- homes ---------------------------------------------------------------------------------------
-
-def copy_home(template: Path, to: Path) -> Path:
-    shutil.copytree(template, to)
-    write_settings(to, msgspec.structs.replace(load_settings(template),
-                                               database_url=f"sqlite:///{to / 'fleet.db'}"))
-    return to
-
 
 @pytest.fixture(scope="module")
 def initialised(tmp_path_factory: pytest.TempPathFactory) -> Path:
