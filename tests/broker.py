@@ -106,6 +106,7 @@ class MosquittoBroker:
         self.config_path = self.directory / "mosquitto.conf"
         self.log_path = self.directory / "mosquitto.log"
         self._process: subprocess.Popen[bytes] | None = None
+        self._started = False
 
         extra = [(lst, lst.port or spare.pop()) for lst in listeners]
         self.listener_ports = [port for _, port in extra]
@@ -152,7 +153,30 @@ class MosquittoBroker:
         return self._process.pid if self._process is not None else None
 
     def start(self, timeout: float = 10.0) -> MosquittoBroker:
-        """Launches Mosquitto and returns once it answers a CONNECT with a CONNACK."""
+        """Launches Mosquitto and returns once it answers a CONNECT with a CONNACK.
+
+        A free port found by `free_ports` can be taken by another process before Mosquitto
+        binds it; on a first start that is retried on new ports (a restart keeps its port)."""
+        for attempt in range(3):
+            try:
+                return self._start(timeout)
+            except BrokerError:
+                if self._started or attempt == 2 or "Address already in use" not in (
+                        self.log_text().rsplit("--- tests/broker.py: starting", 1)[-1]):
+                    raise
+                self._move_ports()
+        raise AssertionError("unreachable")
+
+    def _move_ports(self) -> None:
+        old = [self.port, *self.listener_ports]
+        new = free_ports(len(old))
+        for before, after in zip(old, new, strict=True):
+            self.config_text = self.config_text.replace(f"listener {before} ",
+                                                        f"listener {after} ")
+        self.port, *self.listener_ports = new
+        self.config_path.write_text(self.config_text)
+
+    def _start(self, timeout: float) -> MosquittoBroker:
         if self.running:
             raise BrokerError(f"broker on port {self.port} is already running")
         with self.log_path.open("ab") as log:
@@ -170,6 +194,7 @@ class MosquittoBroker:
                 raise BrokerError(f"mosquitto exited with status {code} before accepting "
                                   f"connections\n{self._log_excerpt()}")
             if self._answers(timeout=0.5):
+                self._started = True
                 return self
             if time.monotonic() > deadline:
                 self.kill()

@@ -56,6 +56,8 @@ class GeneratedBroker(MosquittoBroker):
         self.log_path = self.directory / "mosquitto.log"
         self.config_text = conf.read_text()
         self._process: subprocess.Popen[bytes] | None = None
+        # The port is in a config written by the CLI, which the settings and bundles name too.
+        self._started = True
 
     def _answers(self, timeout: float) -> bool:
         # No plaintext CONNECT works here: a listening TLS socket is the sign of life.

@@ -40,6 +40,7 @@ from tests.broker import (
     MosquittoBroker,
     Received,
     Will,
+    connect_client,
 )
 
 pytestmark = pytest.mark.broker
@@ -258,3 +259,20 @@ def _wait_until(condition: Callable[[], bool], timeout: float) -> None:
     while not condition():
         assert time.monotonic() < deadline, "condition not met in time"
         time.sleep(0.05)
+
+
+def test_a_first_start_moves_to_new_ports_when_its_port_was_taken_meanwhile(
+        mosquitto_factory: Callable[..., MosquittoBroker]) -> None:
+    broker = mosquitto_factory()
+    squatter = socket.socket()
+    squatter.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    squatter.bind((broker.host, broker.port))
+    squatter.listen()
+    taken = broker.port
+    try:
+        broker.start()
+    finally:
+        squatter.close()
+    assert broker.port != taken and broker.running
+    assert f"listener {broker.port} " in broker.config_path.read_text()
+    connect_client(broker.port).close()
