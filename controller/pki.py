@@ -286,3 +286,14 @@ def ensure_fleet_ca(home: Path, controller_name: str) -> FleetCA:
     (directory / "controller.crt").write_bytes(controller.cert_pem)
     write_private(directory / "controller.key", controller.key_pem)
     return ca
+
+
+def certificate_names(pem: bytes) -> list[str]:
+    """The DNS names and addresses a (broker) certificate is valid for."""
+    cert = x509.load_pem_x509_certificate(pem)
+    try:
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        return []
+    return [*san.get_values_for_type(x509.DNSName),
+            *(str(ip) for ip in san.get_values_for_type(x509.IPAddress))]

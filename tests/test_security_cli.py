@@ -430,3 +430,17 @@ def test_enroll_takes_labels_repeated_or_comma_separated(tmp_path: Path) -> None
     refused(invoke("devices", "enroll", "pi-10", "--labels", "site=a,oops", "--out",
                    str(tmp_path / "pi-10"), home=home), "key=value")
     assert not (tmp_path / "pi-10" / "device.key").exists()
+
+
+def test_enrolling_for_a_host_the_broker_certificate_does_not_name_warns(tmp_path: Path) -> None:
+    home = tmp_path / "home"
+    ok("init", home=home)
+    ok("broker-config", "--port", "18885", "--hostname", "mqtt.plant-7.example", home=home)
+    named = ok("devices", "enroll", "pi-1", "--broker-host", "mqtt.plant-7.example",
+               "--out", str(tmp_path / "pi-1"), home=home)
+    assert "warning" not in named
+    unnamed = ok("devices", "enroll", "pi-2", "--broker-host", "mqtt.elsewhere.example",
+                 "--out", str(tmp_path / "pi-2"), home=home)
+    said = " ".join(unnamed.split())          # rich wraps long lines
+    assert "does not name 'mqtt.elsewhere.example'" in said
+    assert "--hostname mqtt.elsewhere.example" in said

@@ -15,7 +15,13 @@ from controller.cli.output import console
 from controller.db.schema import AuditEntry, Device
 from controller.enrollment import enroll_device
 from controller.keys import SigningKeyError, key_chain, rotate_signing_key
-from controller.pki import CertificateKind, FleetCA, PKIError, ensure_fleet_ca
+from controller.pki import (
+    CertificateKind,
+    FleetCA,
+    PKIError,
+    certificate_names,
+    ensure_fleet_ca,
+)
 from controller.settings import write_settings
 from edgefleet.contract import TopicSchema
 from edgefleet.contract.errors import EncodeError
@@ -142,6 +148,13 @@ def devices_enroll(home: Path | None, device_id: str, labels: tuple[str, ...],
                 ts=time.time(), actor="operator", action="device.enroll", subject=device_id,
                 detail={"serial": str(bundle.certificate.serial), "labels": parsed,
                         "not_after": bundle.certificate.not_after}))
+    host = broker_host or broker.host
+    server_cert = fleet.home / "broker" / "server.crt"
+    if server_cert.exists() and host not in certificate_names(server_cert.read_bytes()):
+        # The device would refuse the broker (hostname check): say so now, not on site.
+        console().print(f"[yellow]warning: the broker certificate in {server_cert} does not "
+                        f"name {host!r}; the device will refuse the broker. Run `edgefleet "
+                        f"broker-config --hostname {host}` (and restart the broker).[/yellow]")
     console().print(f"enrolled {device_id}: certificate {bundle.certificate.serial:x}, valid "
                     f"{days} days\n  bundle {directory} (copy it to the device's "
                     f"/etc/edgefleet; {bundle.config.name} is its agent config)")
