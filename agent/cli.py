@@ -74,6 +74,25 @@ def install_service_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def keygen_command(args: argparse.Namespace) -> int:
+    """Make this device's TLS key and a certificate request for `edgefleet devices enroll
+    --csr`; the key stays here."""
+    from agent.identity import make_key_and_request
+
+    try:
+        key, request = make_key_and_request(args.device_id, args.out)
+    except EncodeError as exc:
+        print(f"edgefleet-agent: {exc}", file=sys.stderr)
+        return 2
+    except FileExistsError:
+        print(f"edgefleet-agent: {args.out / 'device.key'} exists: refusing to replace this "
+              "device's key", file=sys.stderr)
+        return 1
+    print(f"key {key} (stays on this device)\nrequest {request}: on the controller, run "
+          f"`edgefleet devices enroll {args.device_id} --csr device.csr`")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="edgefleet-agent", description=__doc__)
     parser.add_argument("--version", action="version", version=__version__)
@@ -89,6 +108,11 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--config", type=Path, required=True, help="the agent's TOML config")
     run.add_argument("-v", "--verbose", action="store_true")
     run.set_defaults(handler=run_command)
+    keygen = commands.add_parser("keygen", help=keygen_command.__doc__)
+    keygen.add_argument("--device-id", required=True)
+    keygen.add_argument("--out", type=Path, default=Path("/etc/edgefleet"),
+                        help="folder for device.key and device.csr")
+    keygen.set_defaults(handler=keygen_command)
     service = commands.add_parser("install-service", help=install_service_command.__doc__)
     service.add_argument("--root", type=Path, default=Path("/"),
                          help="install under this root (an image being prepared)")

@@ -3,7 +3,9 @@
 The bundle is a folder to copy to the device's /etc/edgefleet: agent.toml (paths in it are
 relative to itself, so the folder works wherever it lands), the device's key and certificate,
 the CA certificate that proves the broker, and the key chain that roots its trust in manifests.
-The device key is created here and leaves only inside the bundle (mode 0600).
+The device key is created here and leaves only inside the bundle (mode 0600), unless the device
+made its own (`edgefleet-agent keygen`) and sent a certificate request: then the bundle has no
+key, and the key never left the device.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from typing import Any
 
 from controller.files import write_private
 from controller.keys import chain_payload
-from controller.pki import CertificateKind, FleetCA, IssuedCertificate
+from controller.pki import CertificateKind, FleetCA, IssuedCertificate, read_request
 from edgefleet.contract import validate_device_id
 
 if sys.version_info >= (3, 11):
@@ -43,19 +45,26 @@ class Bundle:
 
 def enroll_device(ca: FleetCA, keys_dir: Path, device_id: str, directory: Path, *,
                   broker: Table, days: float = 825, valid_from: float | None = None,
-                  agent: Mapping[str, Table] | None = None, state_dir: str | None = None
-                  ) -> Bundle:
+                  agent: Mapping[str, Table] | None = None, state_dir: str | None = None,
+                  request: bytes | None = None) -> Bundle:
     """Issues the certificate and writes the bundle. `broker` holds host, port and
     topic_root; `agent` adds or overrides other sections of agent.toml (inference,
-    hardware, telemetry...)."""
+    hardware, telemetry...). With `request` (a CSR from `edgefleet-agent keygen`) the
+    certificate is for the device's own key and the bundle holds no key."""
     validate_device_id(device_id)
-    for name in (DEVICE_KEY, DEVICE_CERT, AGENT_CONFIG, CA_CERT, KEY_CHAIN):
+    public_key = read_request(request, device_id) if request is not None else None
+    # With a request the folder may be the device's own, holding the key keygen made there.
+    ours = (DEVICE_CERT, AGENT_CONFIG, CA_CERT, KEY_CHAIN) + (
+        (DEVICE_KEY,) if public_key is None else ())
+    for name in ours:
         if (directory / name).exists():
             raise FileExistsError(f"{directory / name} exists: choose an empty folder")
     ca.check_name(device_id, CertificateKind.DEVICE)
     directory.mkdir(parents=True, exist_ok=True)
-    credentials = ca.issue(device_id, CertificateKind.DEVICE, days=days, valid_from=valid_from)
-    write_private(directory / DEVICE_KEY, credentials.key_pem)
+    credentials = ca.issue(device_id, CertificateKind.DEVICE, days=days, valid_from=valid_from,
+                           public_key=public_key)
+    if public_key is None:
+        write_private(directory / DEVICE_KEY, credentials.key_pem)
     (directory / DEVICE_CERT).write_bytes(credentials.cert_pem)
     (directory / CA_CERT).write_bytes(ca.cert_pem)
     (directory / KEY_CHAIN).write_bytes(chain_payload(keys_dir))

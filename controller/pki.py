@@ -25,7 +25,7 @@ from pathlib import Path
 import msgspec
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from controller.files import replace_file, write_private
@@ -39,6 +39,9 @@ INDEX = "issued.json"
 CRL_VALID_DAYS = 365
 # A revocation list this close to its nextUpdate is rewritten (by `edgefleet serve`).
 CRL_REFRESH_MARGIN_S = 30 * 86_400
+
+
+DeviceKey = ec.EllipticCurvePublicKey | rsa.RSAPublicKey   # what a device's request may hold
 
 
 class PKIError(RuntimeError):
@@ -150,14 +153,18 @@ class FleetCA:
     # --- issuing -----------------------------------------------------------------------------
 
     def issue(self, common_name: str, kind: CertificateKind, *, days: float = 825,
-              valid_from: float | None = None, hostnames: Sequence[str] = ()) -> Credentials:
+              valid_from: float | None = None, hostnames: Sequence[str] = (),
+              public_key: DeviceKey | None = None) -> Credentials:
         """A fresh key and certificate. `valid_from` (default: now) lets tests make expired
         ones; `hostnames` become the subject alternative names of a broker certificate.
 
         A name belongs to one kind: the broker grants by name, so a device enrolled as
         "edgefleet-controller" would get the controller's rights."""
         self.check_name(common_name, kind)
-        key = ec.generate_private_key(ec.SECP256R1())
+        # With `public_key` (from a device's own request) no key is made here: key_pem is empty.
+        key = ec.generate_private_key(ec.SECP256R1()) if public_key is None else None
+        subject_key = key.public_key() if key is not None else public_key
+        assert subject_key is not None
         start = _utc(valid_from) if valid_from is not None else (
             dt.datetime.now(dt.timezone.utc) - dt.timedelta(minutes=5))
         end = start + dt.timedelta(days=days)
@@ -167,7 +174,8 @@ class FleetCA:
                    .subject_name(x509.Name([
                        x509.NameAttribute(NameOID.COMMON_NAME, common_name),
                        x509.NameAttribute(NameOID.ORGANIZATIONAL_UNIT_NAME, kind.value)]))
-                   .issuer_name(self.cert.subject).public_key(key.public_key())
+                   .issuer_name(self.cert.subject)
+                   .public_key(subject_key)
                    .serial_number(x509.random_serial_number())
                    .not_valid_before(start).not_valid_after(end)
                    .add_extension(x509.BasicConstraints(ca=False, path_length=None),
@@ -185,7 +193,8 @@ class FleetCA:
                                    not_after=end.timestamp())
         with self._locked():
             replace_file(self.directory / INDEX, msgspec.json.encode([*self._records(), record]))
-        return Credentials(_key_pem(key), cert.public_bytes(serialization.Encoding.PEM), record)
+        return Credentials(_key_pem(key) if key is not None else b"",
+                           cert.public_bytes(serialization.Encoding.PEM), record)
 
     def check_name(self, common_name: str, kind: CertificateKind) -> None:
         """Refuses a name that a live certificate of another kind holds."""
@@ -297,3 +306,24 @@ def certificate_names(pem: bytes) -> list[str]:
         return []
     return [*san.get_values_for_type(x509.DNSName),
             *(str(ip) for ip in san.get_values_for_type(x509.IPAddress))]
+
+
+def read_request(pem: bytes, common_name: str) -> DeviceKey:
+    """The public key of a device's certificate request, once the request proves it holds the
+    key and names the device it is enrolled as."""
+    try:
+        request = x509.load_pem_x509_csr(pem)
+    except ValueError as exc:
+        raise PKIError(f"not a PEM certificate request: {exc}") from None
+    if not request.is_signature_valid:
+        raise PKIError("the request's signature does not verify: it was not made with its key")
+    names = [a.value for a in request.subject.get_attributes_for_oid(NameOID.COMMON_NAME)]
+    if names != [common_name]:
+        raise PKIError(f"the request names {names or 'nobody'}, not {common_name!r}")
+    key = request.public_key()
+    if isinstance(key, ec.EllipticCurvePublicKey) and key.curve.key_size >= 256:
+        return key
+    if isinstance(key, rsa.RSAPublicKey) and key.key_size >= 2048:
+        return key
+    raise PKIError(f"unsupported key in the request ({type(key).__name__}); use EC P-256 "
+                   "(edgefleet-agent keygen) or RSA of 2048 bits or more")

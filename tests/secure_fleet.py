@@ -87,7 +87,8 @@ class SecureFleet(ControlledFleet):
 
     def enroll(self, device_id: str, *, fakeroot: str = "x86-64", days: float = 825,
                valid_from: float | None = None,
-               agent: dict[str, dict[str, Any]] | None = None) -> Path:
+               agent: dict[str, dict[str, Any]] | None = None,
+               request: bytes | None = None) -> Path:
         """A bundle for `device_id` with test settings (`agent` adds some); returns its
         agent.toml."""
         settings = self.json_settings()["broker"]
@@ -98,7 +99,8 @@ class SecureFleet(ControlledFleet):
             days=days, valid_from=valid_from, state_dir=str(self.tmp / f"state-{device_id}"),
             broker={"host": settings["host"], "port": settings["port"],
                     "topic_root": settings["topic_root"]},
-            agent={**sections, "hardware": {"root": str(FAKEROOTS / fakeroot)}})
+            agent={**sections, "hardware": {"root": str(FAKEROOTS / fakeroot)}},
+            request=request)
         return bundle.config
 
     def start_agent(self, device_id: str, fakeroot: str = "x86-64") -> AgentProcess:

@@ -181,3 +181,22 @@ def _foreign_ca_identity(directory: Path, common_name: str) -> tuple[Path, Path]
 
 
 pytestmark = pytest.mark.timeout(180)
+
+
+def test_a_device_with_its_own_key_joins_over_tls_and_speaks_only_for_itself(
+        secure_broker: SecureFleet) -> None:
+    from agent.identity import make_key_and_request
+
+    fleet = secure_broker
+    schema = TopicSchema(fleet.root)
+    bundle = fleet.tmp / "bundles" / "own-key"
+    _, request = make_key_and_request("own-key", bundle)       # as on the device
+    fleet.enroll("own-key", request=request.read_bytes())
+    seen = MessageCollector()
+    probe = fleet.probe(on_message=seen)
+    probe.subscribe_and_wait(f"{schema.root}/#")
+    agent = fleet.start_agent("own-key")
+    fleet.wait(lambda: any(m.topic == schema.build(Channel.TELEMETRY, "own-key")
+                           for m in seen.so_far()), 30, "telemetry from the agent's own key")
+    assert agent.alive
+    probe.close()

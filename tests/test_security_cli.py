@@ -5,6 +5,7 @@ device row, no certificate on record."""
 
 from __future__ import annotations
 
+import base64
 import json
 import shutil
 from pathlib import Path
@@ -13,6 +14,7 @@ from typing import Any
 import pytest
 import tomllib
 from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 from cryptography.x509.oid import NameOID
 
 from agent.config import load_config
@@ -444,3 +446,57 @@ def test_enrolling_for_a_host_the_broker_certificate_does_not_name_warns(tmp_pat
     said = " ".join(unnamed.split())          # rich wraps long lines
     assert "does not name 'mqtt.elsewhere.example'" in said
     assert "--hostname mqtt.elsewhere.example" in said
+
+
+# --- a device's own key: edgefleet-agent keygen, then enroll --csr ------------------------------
+
+def _keygen(device_id: str, out: Path) -> int:
+    from agent.cli import main as agent_main
+    return agent_main(["keygen", "--device-id", device_id, "--out", str(out)])
+
+
+def test_a_device_made_key_is_certified_from_its_request_and_never_enters_the_bundle(
+        tmp_path: Path) -> None:
+    home = tmp_path / "home"
+    ok("init", home=home)
+    ok("broker-config", "--port", "18886", home=home)
+    device = tmp_path / "device"
+    assert _keygen("pi-own", device) == 0
+    assert (device / "device.key").stat().st_mode & 0o777 == 0o600
+    assert _keygen("pi-own", device) == 1                  # never replaces its key
+    out = ok("devices", "enroll", "pi-own", "--csr", str(device / "device.csr"),
+             "--out", str(tmp_path / "bundle"), home=home)
+    assert "keeps its own device.key" in " ".join(out.split())
+    bundle = tmp_path / "bundle"
+    assert not (bundle / "device.key").exists()
+    cert = x509.load_pem_x509_certificate((bundle / "device.crt").read_bytes())
+    key = serialization.load_pem_private_key((device / "device.key").read_bytes(), None)
+    raw = serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    assert cert.public_key().public_bytes(*raw) == key.public_key().public_bytes(*raw)
+    assert cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value == "pi-own"
+
+
+def test_a_request_for_another_name_a_forged_one_or_not_a_request_is_refused(
+        tmp_path: Path) -> None:
+    home = tmp_path / "home"
+    ok("init", home=home)
+    ok("broker-config", "--port", "18887", home=home)
+    assert _keygen("pi-a", tmp_path / "a") == 0
+    refused(invoke("devices", "enroll", "pi-b", "--csr", str(tmp_path / "a" / "device.csr"),
+                   "--out", str(tmp_path / "b"), home=home), "names ['pi-a'], not 'pi-b'")
+    pem = (tmp_path / "a" / "device.csr").read_bytes()
+    request = x509.load_pem_x509_csr(pem)
+    # The same request with its signature bytes changed: it no longer proves the key.
+    der = bytearray(request.public_bytes(serialization.Encoding.DER))
+    der[-5] ^= 0xFF
+    forged = tmp_path / "forged.csr"
+    forged.write_bytes(b"-----BEGIN CERTIFICATE REQUEST-----\n"
+                       + base64.encodebytes(bytes(der))
+                       + b"-----END CERTIFICATE REQUEST-----\n")
+    refused(invoke("devices", "enroll", "pi-a", "--csr", str(forged), "--out",
+                   str(tmp_path / "c"), home=home), "signature does not verify")
+    refused(invoke("devices", "enroll", "pi-a", "--csr", str(home / "controller.toml"),
+                   "--out", str(tmp_path / "d"), home=home), "not a PEM certificate request")
+    refused(invoke("devices", "enroll", "pi-a", "--csr", str(tmp_path / "missing.csr"),
+                   "--out", str(tmp_path / "e"), home=home), "missing.csr")
+    assert not any((tmp_path / name).exists() for name in ("b", "c", "d", "e"))

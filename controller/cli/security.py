@@ -116,11 +116,19 @@ def broker_config(home: Path | None, out_dir: Path | None, port: int, bind: str,
 @click.option("--broker-host", help="Host devices use (default: the controller's).")
 @click.option("--days", default=825, show_default=True, type=click.IntRange(1, 3650),
               help="Certificate lifetime.")
+@click.option("--csr", "request_file", type=click.Path(path_type=Path, dir_okay=False),
+              help="The device's certificate request (edgefleet-agent keygen): certify its own "
+                   "key; the bundle then holds no key.")
 def devices_enroll(home: Path | None, device_id: str, labels: tuple[str, ...],
-                   out_dir: Path | None, broker_host: str | None, days: int) -> None:
+                   out_dir: Path | None, broker_host: str | None, days: int,
+                   request_file: Path | None) -> None:
     """Issue DEVICE_ID a client certificate and write its bundle (agent config, key,
     certificate, CA, trusted keys)."""
     parsed = _labels(labels)
+    try:
+        request = request_file.read_bytes() if request_file is not None else None
+    except OSError as exc:
+        raise click.ClickException(f"{request_file}: {exc.strerror or exc}") from None
     with open_fleet(home) as fleet:
         ca = _ca(fleet.home)
         broker = fleet.settings.broker
@@ -132,7 +140,8 @@ def devices_enroll(home: Path | None, device_id: str, labels: tuple[str, ...],
             bundle = enroll_device(ca, fleet.home / "keys", device_id, directory, days=days,
                                    broker={"host": broker_host or broker.host,
                                            "port": broker.port,
-                                           "topic_root": broker.topic_root})
+                                           "topic_root": broker.topic_root},
+                                   request=request)
         except EncodeError as exc:
             raise click.ClickException(f"device id {device_id!r}: {exc.expected}") from None
         except (PKIError, FileExistsError) as exc:
@@ -157,7 +166,8 @@ def devices_enroll(home: Path | None, device_id: str, labels: tuple[str, ...],
                         f"broker-config --hostname {host}` (and restart the broker).[/yellow]")
     console().print(f"enrolled {device_id}: certificate {bundle.certificate.serial:x}, valid "
                     f"{days} days\n  bundle {directory} (copy it to the device's "
-                    f"/etc/edgefleet; {bundle.config.name} is its agent config)")
+                    f"/etc/edgefleet; {bundle.config.name} is its agent config"
+                    + ("; the device keeps its own device.key)" if request else ")"))
 
 
 @click.command("revoke")
