@@ -1,17 +1,21 @@
 """The controller process's own logic, without a broker: how its ingest loop copes with a
-message that breaks a whole batch."""
+message that breaks a whole batch, and how it keeps the revocation list from expiring."""
 
 from __future__ import annotations
 
+import datetime as dt
 import threading
 import time
 from pathlib import Path
 
 import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
 from sqlalchemy import text
 
 from controller.db.ingest import TelemetryWriter, WriteResult
 from controller.mqtt import Received
+from controller.pki import CA_KEY, CRL_REFRESH_MARGIN_S, FleetCA
 from controller.service import Controller
 from controller.settings import load_settings
 from edgefleet.contract import Channel, TelemetryBatch, TopicSchema, encode
@@ -54,4 +58,24 @@ def test_a_message_that_breaks_its_batch_is_dropped_alone_and_ingest_goes_on(
     worker.join(timeout=10)
     assert sorted(rows) == ["pi-1", "pi-2"]
     assert controller.malformed == 1
+    controller.db.dispose()
+
+
+def test_serve_rewrites_a_revocation_list_that_nears_its_expiry(tmp_path: Path) -> None:
+    """Mosquitto refuses every client once its revocation list expires: serve keeps it fresh."""
+    home = tmp_path / "home"
+    ok("init", home=home)
+    ca = FleetCA.load(home / "pki")
+    key = serialization.load_pem_private_key((home / "pki" / CA_KEY).read_bytes(), None)
+    now = dt.datetime.now(dt.timezone.utc)
+    stale = (x509.CertificateRevocationListBuilder().issuer_name(ca.cert.subject)
+             .last_update(now - dt.timedelta(days=360)).next_update(now + dt.timedelta(days=2))
+             .sign(key, hashes.SHA256()))  # type: ignore[arg-type]
+    ca.crl_path.write_bytes(stale.public_bytes(serialization.Encoding.PEM))
+    assert ca.crl_due(time.time())
+    controller = Controller(home, load_settings(home))
+    controller._keep_trust()
+    fresh = x509.load_pem_x509_crl(ca.crl_path.read_bytes())
+    assert fresh.next_update_utc is not None
+    assert fresh.next_update_utc.timestamp() - time.time() > CRL_REFRESH_MARGIN_S
     controller.db.dispose()
