@@ -25,6 +25,7 @@ from edgefleet.inference import LoadedModel
 log = logging.getLogger(__name__)
 
 FLUSH_EVERY_S = 0.05
+LATENCIES_KEPT = 2000        # per model's health: enough for a p95
 
 
 @dataclass
@@ -37,7 +38,7 @@ class Health:
     correct: int = 0
     agreed: int = 0
     compared: int = 0
-    latencies_ms: deque[float] = field(default_factory=lambda: deque(maxlen=2000))
+    latencies_ms: deque[float] = field(default_factory=lambda: deque(maxlen=LATENCIES_KEPT))
 
     @property
     def error_rate(self) -> float:
@@ -77,8 +78,8 @@ class InferenceLoop(threading.Thread):
         self.shadow_health = Health()
         self._halt = threading.Event()
         self._swapped = threading.Condition(self._lock)
-        # Results awaiting bookkeeping: (logits, labels, per-sample ms), flushed every
-        # FLUSH_EVERY_S and before any swap, so health and telemetry lag by at most that.
+        # Results awaiting bookkeeping: (logits, labels, seconds the batch took), flushed
+        # every FLUSH_EVERY_S and before any swap, so health and telemetry lag by at most that.
         self._pending: list[tuple[np.ndarray, np.ndarray | None, float]] = []
         self._flush_at = 0.0
         self._shadowing: tuple[LoadedModel | None, Health] = (None, self.shadow_health)
@@ -122,25 +123,37 @@ class InferenceLoop(threading.Thread):
     def run(self) -> None:
         # The hot path: on a small model at batch 1 every attribute lookup and call here is
         # a visible share of the inference, so the loop reads shared state without the lock
-        # (single attribute reads) and takes it only to apply a swap.
-        halt, source, infer = self._halt, self.source, self._infer
-        since_flush = 0
-        while not halt.is_set():
+        # (single attribute reads), takes it only to apply a swap, and runs the common case
+        # (no shadow) inline: the inference, its timing, one append.
+        halt = self._halt
+        is_set, next_batch, perf = halt.is_set, self.source.next_batch, time.perf_counter
+        pace = self.pace_s
+        since_flush, spent = 0, 0.0      # batches and seconds since the clock was last read
+        current: Running | None = None
+        predict = None
+        while not is_set():
             if self._swap_pending:
                 with self._lock:
                     self._flush()          # the outgoing model's results go to its own health
                     self._apply_swap()
             running = self._running
-            shadow, shadow_health = self._shadowing
             if running is None:
                 halt.wait(0.05)
                 continue
+            if running is not current:
+                current, predict = running, running.model.predict
+            shadow, shadow_health = self._shadowing
             since_flush += 1
-            if shadow is not None or (since_flush >= 16 and time.monotonic() >= self._flush_at):
+            if shadow is not None:
                 self._flush()
-                since_flush = 0
+            elif since_flush >= 64 or spent >= FLUSH_EVERY_S:
+                # The clock is read every 64 fast batches (not every one), or sooner when
+                # batches are slow, so results still reach health within ~FLUSH_EVERY_S.
+                since_flush, spent = 0, 0.0
+                if time.monotonic() >= self._flush_at:
+                    self._flush()
             try:
-                batch = source.next_batch()
+                batch = next_batch()
             except Exception as exc:  # a bad input (e.g. drop files of mixed shapes) too
                 log.warning("input source failed: %s", exc)
                 halt.wait(0.5)
@@ -149,9 +162,23 @@ class InferenceLoop(threading.Thread):
                 self._flush()
                 halt.wait(0.05)
                 continue
-            infer(running, batch, shadow, shadow_health)
-            if self.pace_s:
-                halt.wait(self.pace_s)
+            if shadow is None:
+                start = perf()
+                try:
+                    logits = predict(batch.x)  # type: ignore[misc]
+                except Exception as exc:  # a broken model must not stop the loop
+                    log.warning("model %s failed: %s", running.active.artifact_id, exc)
+                    self._record_failures(len(batch.x))
+                    continue
+                # Checking, argmax and counting run vectorised over many batches in _flush.
+                took = perf() - start
+                self._pending.append((logits, batch.labels, took))
+                spent += took
+            else:
+                self._infer_with_shadow(running, batch, shadow, shadow_health)
+            if pace:
+                halt.wait(pace)
+                spent += pace
         self._flush()
 
     def _apply_swap(self) -> None:
@@ -161,8 +188,8 @@ class InferenceLoop(threading.Thread):
         self.health = Health()
         self._swapped.notify_all()
 
-    def _infer(self, running: Running, batch: Batch, shadow: LoadedModel | None,
-               shadow_health: Health) -> None:
+    def _infer_with_shadow(self, running: Running, batch: Batch, shadow: LoadedModel,
+                           shadow_health: Health) -> None:
         n = len(batch.x)
         start = time.perf_counter()
         try:
@@ -171,12 +198,6 @@ class InferenceLoop(threading.Thread):
         except Exception as exc:  # a broken model must not stop the loop
             log.warning("model %s failed: %s", running.active.artifact_id, exc)
             self._record_failures(n)
-            return
-        if shadow is None:
-            # The common case does only the inference here: checking, argmax and counting
-            # run vectorised over many batches in _flush (on a small model at batch 1, each
-            # numpy call per batch costs a few percent of the inference itself).
-            self._pending.append((logits, batch.labels, elapsed * 1000 / max(n, 1)))
             return
         predicted = _predictions(logits, n)
         if predicted is None:
@@ -205,8 +226,8 @@ class InferenceLoop(threading.Thread):
             return
         logits = np.concatenate([p[0] for p in pending])
         sizes = np.fromiter((len(p[0]) for p in pending), dtype=np.int64, count=len(pending))
-        latencies = np.repeat(np.fromiter((p[2] for p in pending), dtype=np.float64,
-                                          count=len(pending)), sizes)
+        seconds = np.fromiter((p[2] for p in pending), dtype=np.float64, count=len(pending))
+        latencies = np.repeat(seconds * 1000 / np.maximum(sizes, 1), sizes)
         finite = np.isfinite(logits).all(axis=1)
         predicted = logits.argmax(axis=1)
         labelled = correct = 0
@@ -217,12 +238,14 @@ class InferenceLoop(threading.Thread):
         errors = int(len(finite) - finite.sum())
         ok_latencies = latencies[finite] if errors else latencies
         self.window.record_many(ok_latencies, errors=errors, labelled=labelled, correct=correct)
-        self._count(len(logits), errors, ok_latencies.tolist(),
+        # Only the newest LATENCIES_KEPT survive in the health's deque: convert no more.
+        self._count(len(logits), errors, ok_latencies[-LATENCIES_KEPT:].tolist(),
                     correct if labelled else None, labelled)
 
     def _flush_one(self, logits: np.ndarray, labels: np.ndarray | None,
-                   per_sample_ms: float) -> None:
+                   seconds: float) -> None:
         n = len(logits) if getattr(logits, "ndim", 0) else 1
+        per_sample_ms = seconds * 1000 / max(n, 1)
         predicted = _predictions(logits, n)
         if predicted is None:
             self._record_failures(n)

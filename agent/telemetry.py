@@ -56,6 +56,7 @@ class TelemetryWindow:
             raise ValueError("max_samples must be at least 1")
         self._lock = threading.Lock()
         self._random = random.Random(seed)
+        self._rng = np.random.default_rng(seed)
         self._samples = np.empty(max_samples, dtype=np.float64)
         self._start = start
         self._tally = _Tally()
@@ -111,11 +112,15 @@ class TelemetryWindow:
             direct = latencies_ms[:free]
             self._samples[tally.timed:tally.timed + len(direct)] = direct
             tally.timed += len(direct)
-            for latency in latencies_ms[free:].tolist():   # reservoir, as in `record`
-                slot = self._random.randrange(tally.timed + 1)
-                if slot < len(self._samples):
-                    self._samples[slot] = latency
-                tally.timed += 1
+            rest = latencies_ms[free:]
+            if len(rest):
+                # Reservoir sampling as in `record`, vectorised: the i-th of them replaces a
+                # random slot of [0, timed + i] when that slot is inside the reservoir. (A loop
+                # here cost ~0.4 us a sample, a tenth of a small model's inference.)
+                slots = self._rng.integers(0, tally.timed + np.arange(1, len(rest) + 1))
+                keep = slots < len(self._samples)
+                self._samples[slots[keep]] = rest[keep]
+                tally.timed += len(rest)
 
     def close(self, now: float, *, device_id: str, seq: int, model: ActiveModel | None,
               execution: str, resources: Resources | None,
