@@ -152,6 +152,8 @@ class Simulator:
     def _on_message(self, client: paho.Client, userdata: Any,
                     message: paho.MQTTMessage) -> None:
         device = self.by_client[id(client)]
+        if message.topic == self.schema.key_chain:
+            return          # the controller's retained key chain: the simulated keys never rotate
         try:
             topic = self.schema.parse(message.topic)
             if topic.channel is Channel.COMMAND and topic.command is CommandKind.DEPLOY:
