@@ -7,6 +7,7 @@ import time
 from pathlib import Path
 
 import click
+import msgspec
 from sqlalchemy import insert, select, update
 
 from controller.broker_config import write_broker_config
@@ -90,14 +91,10 @@ def broker_config(home: Path | None, out_dir: Path | None, port: int, bind: str,
         broker = fleet.settings.broker
         connect_to = hostnames[0] if hostnames else (
             "127.0.0.1" if bind in ("0.0.0.0", "::") else bind)
-        settings = type(fleet.settings)(**{
-            **{f: getattr(fleet.settings, f) for f in fleet.settings.__struct_fields__},
-            "broker": type(broker)(**{
-                **{f: getattr(broker, f) for f in broker.__struct_fields__},
-                "host": connect_to, "port": port, "ca_file": f"{PKI_DIR}/ca.crt",
-                "cert_file": f"{PKI_DIR}/controller.crt",
-                "key_file": f"{PKI_DIR}/controller.key"})})
-        write_settings(fleet.home, settings)
+        write_settings(fleet.home, msgspec.structs.replace(
+            fleet.settings, broker=msgspec.structs.replace(
+                broker, host=connect_to, port=port, ca_file=f"{PKI_DIR}/ca.crt",
+                cert_file=f"{PKI_DIR}/controller.crt", key_file=f"{PKI_DIR}/controller.key")))
     console().print(f"broker config {files.conf}\n  ACL {files.acl} (controllers: "
                     f"{', '.join(files.controllers)}"
                     + (f"; observers: {', '.join(files.observers)}" if observers else "")
