@@ -26,12 +26,8 @@ sys.path.insert(0, str(ROOT))
 
 from msgspec.structs import replace  # noqa: E402
 
-from controller.rollout.engine import (  # noqa: E402
-    DeployTo,
-    DeviceStatus,
-    Tick,
-    step,
-)
+from controller.rollout.engine import step  # noqa: E402
+from controller.rollout.events import DeployTo, DeviceStatus, Tick  # noqa: E402
 from controller.rollout.model import (  # noqa: E402
     DeploymentState,
     DeviceDeployment,

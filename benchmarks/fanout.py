@@ -57,7 +57,7 @@ from benchmarks.sim_agents import simulate  # noqa: E402
 from controller.db import make_engine, upgrade  # noqa: E402
 from controller.db.schema import CommandStatusRow, Model, ModelVersion, Variant  # noqa: E402
 from controller.keys import create_signing_key  # noqa: E402
-from controller.rollout.engine import DeployTo  # noqa: E402
+from controller.rollout.events import DeployTo  # noqa: E402
 from controller.service import Controller  # noqa: E402
 from controller.settings import BrokerSection, ControllerSettings  # noqa: E402
 from edgefleet.contract import (  # noqa: E402

@@ -17,7 +17,7 @@ from sqlalchemy import Engine, select
 
 from controller.db.schema import Model, ModelVersion, Variant
 from controller.keys import SigningKey
-from controller.rollout.engine import DeployTo, RollbackDevice
+from controller.rollout.events import DeployTo, RollbackDevice
 from edgefleet.contract import (
     BuildMetrics,
     CommandKind,

@@ -17,21 +17,23 @@ from controller.rollout.engine import (
     FINAL,
     GROUP_TRANSITIONS,
     TRANSITIONS,
+    Cause,
+    IllegalEvent,
+    step,
+)
+from controller.rollout.events import (
     Abort,
     Action,
     Audit,
-    Cause,
     Decision,
     DeployTo,
     DeviceStatus,
     Event,
-    IllegalEvent,
     Pause,
     Resume,
     RollbackDevice,
     Start,
     Tick,
-    step,
 )
 from controller.rollout.model import (
     CommandRef,

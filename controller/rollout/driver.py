@@ -34,19 +34,18 @@ from controller.db.schema import (
     Telemetry,
     Variant,
 )
-from controller.rollout.engine import (
+from controller.rollout.engine import IllegalEvent, step
+from controller.rollout.events import (
     Abort,
     Audit,
     DeployTo,
     DeviceStatus,
     Event,
-    IllegalEvent,
     Pause,
     Resume,
     RollbackDevice,
     Start,
     Tick,
-    step,
 )
 from controller.rollout.model import (
     DeploymentState,
