@@ -1,11 +1,11 @@
-"""The rollout engine: its transition table, hawkBit's group rules, AWS IoT Jobs' retry, timeout
-and abort rules, the rate limit, telemetry gates, idempotence and restarts, and properties over
-random event sequences."""
+"""The rollout engine: its transition tables, idempotence and restarts, configuration, and
+properties over random event sequences. The group, retry and gate rules have files of their
+own (test_rollout_engine_policies.py, test_rollout_engine_gates.py)."""
 
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 
 import msgspec
 import pytest
@@ -23,15 +23,12 @@ from controller.rollout.engine import (
 )
 from controller.rollout.events import (
     Abort,
-    Action,
     Audit,
     Decision,
-    DeployTo,
     DeviceStatus,
     Event,
     Pause,
     Resume,
-    RollbackDevice,
     Start,
     Tick,
 )
@@ -45,7 +42,6 @@ from controller.rollout.model import (
     Gates,
     GroupState,
     OnGateFailure,
-    PauseCause,
     RolloutConfig,
     RolloutSnapshot,
     RolloutState,
@@ -53,93 +49,25 @@ from controller.rollout.model import (
     new_rollout,
 )
 from edgefleet.contract import CommandState
-
-R, G, D = RolloutState, GroupState, DeploymentState
-CS = CommandState
-V = "digits-v2-int8"
-
-
-# --- helpers -----------------------------------------------------------------------------------
-
-def config(**changes: object) -> RolloutConfig:
-    fields: dict[str, object] = {"success_threshold_percent": 100.0,
-                                 "error_threshold_percent": 0.0}
-    fields.update(changes)
-    return RolloutConfig(**fields)  # type: ignore[arg-type]
-
-
-def rollout(*sizes: int, cfg: RolloutConfig | None = None, skipped: Iterable[str] = (),
-            rollout_id: str = "r1") -> RolloutSnapshot:
-    no_variant = set(skipped)
-    groups = [(f"g{g}", [DeviceTarget(device_id=f"d{g}-{i}",
-                                      variant_id=None if f"d{g}-{i}" in no_variant else V)
-                         for i in range(size)])
-              for g, size in enumerate(sizes)]
-    return new_rollout(rollout_id, "digits", 2, cfg or config(), groups)
-
-
-def run(snapshot: RolloutSnapshot, *events: Event) -> tuple[RolloutSnapshot, list[Action]]:
-    actions: list[Action] = []
-    for event in events:
-        snapshot, produced = step(snapshot, event)
-        actions.extend(produced)
-    return snapshot, actions
-
-
-def device(snapshot: RolloutSnapshot, device_id: str) -> DeviceDeployment:
-    return next(g.devices[device_id] for g in snapshot.groups if device_id in g.devices)
-
-
-def status(snapshot: RolloutSnapshot, device_id: str, state: CommandState, now: float,
-           reason: str = "") -> DeviceStatus:
-    return DeviceStatus(now=now, device_id=device_id,
-                        command_id=device(snapshot, device_id).command_id, state=state,
-                        reason=reason)
-
-
-def report(snapshot: RolloutSnapshot, device_ids: Iterable[str], state: CommandState,
-           now: float) -> RolloutSnapshot:
-    for device_id in device_ids:
-        snapshot, _ = step(snapshot, status(snapshot, device_id, state, now))
-    return snapshot
-
-
-def deploys(actions: Iterable[Action]) -> list[DeployTo]:
-    return [a for a in actions if isinstance(a, DeployTo)]
-
-
-def decisions(actions: Iterable[Action]) -> list[Decision]:
-    return [a.decision for a in actions if isinstance(a, Audit)]
-
-
-def audit(actions: Iterable[Action], decision: Decision) -> Audit:
-    found = [a for a in actions if isinstance(a, Audit) and a.decision is decision]
-    assert len(found) == 1, decisions(actions)
-    return found[0]
-
-
-def states(snapshot: RolloutSnapshot) -> list[GroupState]:
-    return [g.state for g in snapshot.groups]
-
-
-def ids(group: int, count: int, first: int = 0) -> list[str]:
-    return [f"d{group}-{i}" for i in range(first, first + count)]
-
-
-def encoded(snapshot: RolloutSnapshot) -> bytes:
-    return msgspec.json.encode(snapshot)
-
-
-def metrics_for(device_ids: Iterable[str], *, after_p95: float = 10.0, inferences: int = 1000,
-                errors: int = 0, labelled: int = 100, correct: int = 99
-                ) -> dict[str, GateInputs]:
-    return {d: GateInputs(before=DeviceMetrics(inferences=1000, p95_ms=10.0, labelled=100,
-                                               correct=99),
-                          after=DeviceMetrics(inferences=inferences, errors=errors,
-                                              p95_ms=after_p95, labelled=labelled,
-                                              correct=correct))
-            for d in device_ids}
-
+from tests.rollout_helpers import (
+    CS,
+    D,
+    G,
+    R,
+    V,
+    config,
+    decisions,
+    deploys,
+    device,
+    encoded,
+    ids,
+    metrics_for,
+    report,
+    rollout,
+    run,
+    states,
+    status,
+)
 
 # --- snapshots in each rollout state, for the table tests --------------------------------------
 
@@ -295,452 +223,6 @@ def test_start_deploys_the_first_group_only() -> None:
     assert {d.state for d in snapshot.groups[0].devices.values()} == {D.IN_PROGRESS}
     assert decisions(actions) == [Decision.ROLLOUT_STARTED, Decision.GROUP_STARTED,
                                   Decision.DEVICES_STARTED]
-
-
-# --- hawkBit's group rules ---------------------------------------------------------------------
-
-def test_hawkbit_success_threshold_reached_moves_on_to_the_next_group() -> None:
-    snapshot, _ = run(rollout(4, 3, cfg=config(success_threshold_percent=50,
-                                               error_threshold_percent=50)), Start(now=0))
-    snapshot = report(snapshot, ["d0-0"], CS.SUCCEEDED, 1)
-
-    below, actions = run(snapshot, Tick(now=2))
-    assert states(below) == [G.RUNNING, G.PENDING] and not deploys(actions)
-
-    snapshot = report(below, ["d0-1"], CS.SUCCEEDED, 3)   # 2 of 4 = 50%: >= is enough
-    snapshot, actions = run(snapshot, Tick(now=4))
-
-    assert states(snapshot) == [G.SUCCEEDED, G.RUNNING]
-    assert [a.device_id for a in deploys(actions)] == ids(1, 3)
-    reached = audit(actions, Decision.SUCCESS_THRESHOLD_REACHED)
-    assert reached.group == 0
-    assert reached.details == {"succeeded": 2, "total": 4, "succeeded_percent": 50.0,
-                               "threshold_percent": 50, "soak_s": 0.0}
-
-
-def test_hawkbit_error_threshold_pauses_the_rollout() -> None:
-    cfg = config(success_threshold_percent=75, error_threshold_percent=25)
-    snapshot, _ = run(rollout(4, 2, cfg=cfg), Start(now=0))
-    snapshot = report(snapshot, ["d0-0"], CS.FAILED, 1)
-
-    at_limit, _ = run(snapshot, Tick(now=2))             # 1 of 4 = 25%: not over 25%
-    assert at_limit.state is R.RUNNING
-
-    snapshot = report(at_limit, ["d0-1"], CS.FAILED, 3)
-    snapshot, actions = run(snapshot, Tick(now=4))
-
-    assert snapshot.state is R.PAUSED and snapshot.paused_by is PauseCause.ERROR_THRESHOLD
-    assert "2 of 4 devices failed" in snapshot.reason
-    assert states(snapshot) == [G.RUNNING, G.PENDING]
-    assert audit(actions, Decision.ERROR_THRESHOLD_EXCEEDED).details == {
-        "failed": 2, "acknowledged": 0, "total": 4, "failed_percent": 50.0,
-        "threshold_percent": 25}
-
-
-def test_hawkbit_error_condition_is_checked_before_the_success_condition() -> None:
-    snapshot, _ = run(rollout(4, 2, cfg=config(success_threshold_percent=50,
-                                               error_threshold_percent=25)), Start(now=0))
-    snapshot = report(snapshot, ids(0, 2), CS.SUCCEEDED, 1)
-    snapshot = report(snapshot, ids(0, 2, first=2), CS.FAILED, 1)
-
-    snapshot, actions = run(snapshot, Tick(now=2))        # both conditions hold
-
-    assert snapshot.state is R.PAUSED
-    assert states(snapshot) == [G.RUNNING, G.PENDING]
-    assert not deploys(actions)
-    assert Decision.SUCCESS_THRESHOLD_REACHED not in decisions(actions)
-
-
-def test_hawkbit_empty_group_counts_as_success() -> None:
-    # g1 is empty and g2 holds only a device no variant fits: both succeed at once.
-    snapshot, _ = run(rollout(1, 0, 1, 2, skipped=["d2-0"]), Start(now=0))
-    snapshot = report(snapshot, ["d0-0"], CS.SUCCEEDED, 1)
-
-    snapshot, actions = run(snapshot, Tick(now=2))
-
-    assert states(snapshot) == [G.SUCCEEDED, G.SUCCEEDED, G.SUCCEEDED, G.RUNNING]
-    assert [a.details["total"] for a in actions if isinstance(a, Audit)
-            and a.decision is Decision.GROUP_EMPTY] == [0, 0]
-    assert [a.device_id for a in deploys(actions)] == ids(3, 2)
-
-
-def test_a_device_no_variant_fits_is_skipped_and_left_out_of_the_totals() -> None:
-    snapshot, actions = run(rollout(3, 1, skipped=["d0-1"]), Start(now=0))
-
-    assert device(snapshot, "d0-1").state is D.SKIPPED
-    assert "no variant fits" in device(snapshot, "d0-1").reason
-    assert [a.device_id for a in deploys(actions)] == ["d0-0", "d0-2"]
-    snapshot = report(snapshot, ["d0-0", "d0-2"], CS.SUCCEEDED, 1)
-    snapshot, _ = run(snapshot, Tick(now=2))              # 2 of 2 counted devices: 100%
-    assert states(snapshot) == [G.SUCCEEDED, G.RUNNING]
-
-
-def test_a_rollout_that_can_no_longer_reach_its_success_threshold_fails() -> None:
-    cfg = config(success_threshold_percent=75, error_threshold_percent=50)
-    snapshot, _ = run(rollout(4, 2, cfg=cfg), Start(now=0))
-    snapshot = report(snapshot, ids(0, 2), CS.FAILED, 1)  # at most 2 of 4 can now succeed
-
-    snapshot, actions = run(snapshot, Tick(now=2))
-
-    assert snapshot.state is R.FAILED and snapshot.finished_at == 2
-    assert states(snapshot) == [G.FAILED, G.CANCELLED]
-    assert {d.state for d in snapshot.groups[1].devices.values()} == {D.CANCELLED}
-    assert audit(actions, Decision.SUCCESS_UNREACHABLE).details == {
-        "failed": 2, "total": 4, "threshold_percent": 75}
-
-
-def test_the_rollout_succeeds_once_every_group_passed() -> None:
-    snapshot, actions = run(rollout(2, 1), Start(now=0))
-    snapshot = report(snapshot, ids(0, 2), CS.SUCCEEDED, 1)
-    snapshot, _ = run(snapshot, Tick(now=2))
-    snapshot = report(snapshot, ["d1-0"], CS.SUCCEEDED, 3)
-
-    snapshot, actions = run(snapshot, Tick(now=4))
-
-    assert snapshot.state is R.SUCCEEDED and snapshot.finished_at == 4
-    assert states(snapshot) == [G.SUCCEEDED, G.SUCCEEDED]
-    assert decisions(actions) == [Decision.SUCCESS_THRESHOLD_REACHED, Decision.GROUP_SUCCEEDED,
-                                  Decision.ROLLOUT_SUCCEEDED]
-
-
-def test_the_rollout_succeeds_only_once_no_device_waits_or_is_in_flight() -> None:
-    cfg = config(success_threshold_percent=50, max_starts_per_minute=1)
-    snapshot, _ = run(rollout(2, cfg=cfg), Start(now=0))
-    snapshot = report(snapshot, ["d0-0"], CS.SUCCEEDED, 1)
-
-    snapshot, _ = run(snapshot, Tick(now=2))              # the group passed; d0-1 still waits
-    assert states(snapshot) == [G.SUCCEEDED] and snapshot.state is R.RUNNING
-
-    snapshot, actions = run(snapshot, Tick(now=61))
-    assert [a.device_id for a in deploys(actions)] == ["d0-1"]
-    assert snapshot.state is R.RUNNING                    # d0-1 is in flight
-
-    snapshot = report(snapshot, ["d0-1"], CS.FAILED, 62)  # a final outcome either way
-    snapshot, _ = run(snapshot, Tick(now=63))
-    assert snapshot.state is R.SUCCEEDED
-
-
-# --- AWS IoT Jobs' device rules ----------------------------------------------------------------
-
-def test_aws_a_failed_attempt_is_retried_until_attempts_run_out() -> None:
-    cfg = config(max_retries=2, error_threshold_percent=100)
-    snapshot, first = run(rollout(1, 1, cfg=cfg), Start(now=0))
-    sent = deploys(first)
-    for now in (1, 3):
-        snapshot = report(snapshot, ["d0-0"], CS.FAILED, now)
-        assert device(snapshot, "d0-0").state is D.PENDING        # waiting for its retry
-        snapshot, actions = run(snapshot, Tick(now=now + 1))
-        sent += deploys(actions)
-
-    snapshot = report(snapshot, ["d0-0"], CS.FAILED, 5)
-
-    assert [(a.attempt, a.command_id) for a in sent] == [
-        (n, f"r1:d0-0:deploy:{n}") for n in (1, 2, 3)]
-    final = device(snapshot, "d0-0")
-    assert (final.state, final.attempts, final.finished_at) == (D.FAILED, 3, 5)
-    snapshot, actions = run(snapshot, Tick(now=6))
-    assert not deploys(actions)
-
-
-def test_aws_rejected_commands_are_not_retried() -> None:
-    snapshot, _ = run(rollout(1, cfg=config(max_retries=3, error_threshold_percent=100)),
-                      Start(now=0))
-
-    snapshot = report(snapshot, ["d0-0"], CS.REJECTED, 1)
-
-    assert device(snapshot, "d0-0").state is D.REJECTED
-    assert not deploys(run(snapshot, Tick(now=2))[1])
-
-
-def test_a_device_that_rolled_itself_back_counts_as_a_failed_attempt() -> None:
-    snapshot, _ = run(rollout(1, cfg=config(max_retries=1, error_threshold_percent=100)),
-                      Start(now=0))
-
-    snapshot, actions = run(snapshot, status(snapshot, "d0-0", CS.ROLLED_BACK, 1, "NaN output"))
-
-    assert device(snapshot, "d0-0").state is D.PENDING
-    assert device(snapshot, "d0-0").reason == "attempt 1 rolled-back: NaN output"
-    assert audit(actions, Decision.DEVICE_ATTEMPT_FAILED).details["retry"] is True
-
-
-def test_aws_in_progress_timeout_ends_the_attempt_timed_out() -> None:
-    cfg = config(in_progress_timeout_s=100, error_threshold_percent=100)
-    snapshot, _ = run(rollout(2, cfg=cfg), Start(now=0))
-    snapshot = report(snapshot, ["d0-1"], CS.IN_PROGRESS, 50)  # progress does not extend it
-
-    early, _ = run(snapshot, Tick(now=99.9))
-    assert device(early, "d0-0").state is D.IN_PROGRESS
-
-    snapshot, actions = run(snapshot, Tick(now=100))
-
-    assert [device(snapshot, d).state for d in ids(0, 2)] == [D.TIMED_OUT, D.TIMED_OUT]
-    assert device(snapshot, "d0-0").finished_at == 100
-    timed_out = [a for a in actions if isinstance(a, Audit)
-                 and a.decision is Decision.DEVICE_TIMED_OUT]
-    assert timed_out[0].details["timeout_s"] == 100 and timed_out[0].details["retry"] is False
-
-
-def test_aws_a_timed_out_attempt_is_retried_at_once_when_attempts_remain() -> None:
-    cfg = config(in_progress_timeout_s=100, max_retries=1)
-    snapshot, _ = run(rollout(1, cfg=cfg), Start(now=0))
-
-    snapshot, actions = run(snapshot, Tick(now=100))
-
-    assert [(a.attempt, a.command_id) for a in deploys(actions)] == [(2, "r1:d0-0:deploy:2")]
-    assert device(snapshot, "d0-0").started_at == 100
-    snapshot, _ = run(snapshot, Tick(now=200))
-    assert device(snapshot, "d0-0").state is D.TIMED_OUT
-
-
-def test_aws_abort_criteria_count_distinct_devices_not_retries() -> None:
-    cfg = config(success_threshold_percent=50, error_threshold_percent=100, max_retries=3,
-                 abort_failure_percent=50, abort_min_devices=2)
-    snapshot, _ = run(rollout(3, cfg=cfg), Start(now=0))
-    now = 1.0
-    for _ in range(3):                    # three failed attempts of one device: no outcome yet
-        snapshot = report(snapshot, ["d0-0"], CS.FAILED, now)
-        snapshot, _ = run(snapshot, Tick(now=now + 1))
-        now += 2
-    assert snapshot.state is R.RUNNING and device(snapshot, "d0-0").attempts == 4
-
-    snapshot = report(snapshot, ["d0-0"], CS.FAILED, now)   # its last attempt: 1 outcome
-    snapshot, _ = run(snapshot, Tick(now=now))
-    assert snapshot.state is R.RUNNING                       # 1 < abort_min_devices
-
-    snapshot = report(snapshot, ["d0-1"], CS.SUCCEEDED, now)
-    snapshot, actions = run(snapshot, Tick(now=now + 1))     # 1 of 2 devices = 50%
-
-    assert snapshot.state is R.ABORTED
-    assert audit(actions, Decision.ABORT_CRITERIA_MET).details == {
-        "failed_devices": 1, "executed_devices": 2, "failed_percent": 50.0,
-        "threshold_percent": 50, "min_devices": 2}
-    assert device(snapshot, "d0-2").state is D.IN_PROGRESS   # in flight: left to report
-
-
-def test_aws_abort_criteria_wait_for_the_minimum_number_of_devices() -> None:
-    cfg = config(success_threshold_percent=50, error_threshold_percent=100,
-                 abort_failure_percent=10, abort_min_devices=3)
-    snapshot, _ = run(rollout(4, cfg=cfg), Start(now=0))
-    snapshot = report(snapshot, ids(0, 2), CS.FAILED, 1)
-
-    snapshot, _ = run(snapshot, Tick(now=2))
-    assert snapshot.state is R.RUNNING
-
-    snapshot = report(snapshot, ["d0-2"], CS.SUCCEEDED, 3)
-    snapshot, _ = run(snapshot, Tick(now=4))
-    assert snapshot.state is R.ABORTED
-    assert "2 of 3 devices failed" in snapshot.reason
-
-
-# --- rate limit --------------------------------------------------------------------------------
-
-def test_rate_limit_starts_at_most_n_devices_in_any_minute() -> None:
-    snapshot, actions = run(rollout(8, cfg=config(max_starts_per_minute=3)), Start(now=0))
-    assert len(deploys(actions)) == 3
-    assert audit(actions, Decision.DEVICES_STARTED).details == {
-        "started": 3, "waiting": 8, "limit_per_minute": 3, "started_last_60s": 0}
-
-    for now in (0, 30, 59.9):
-        snapshot, actions = run(snapshot, Tick(now=now))
-        assert not deploys(actions)
-
-    snapshot, actions = run(snapshot, Tick(now=60))
-    assert [a.device_id for a in deploys(actions)] == ids(0, 3, first=3)
-    assert snapshot.start_log == (60.0, 60.0, 60.0)
-
-
-def test_rate_limit_counts_retries_and_serves_earlier_groups_first() -> None:
-    cfg = config(max_starts_per_minute=2, max_retries=1, success_threshold_percent=50,
-                 error_threshold_percent=100)
-    snapshot, _ = run(rollout(2, 3, cfg=cfg), Start(now=0))
-    snapshot = report(snapshot, ["d0-0"], CS.SUCCEEDED, 1)
-    snapshot = report(snapshot, ["d0-1"], CS.FAILED, 1)
-
-    snapshot, actions = run(snapshot, Tick(now=60))
-
-    # g0 passed (50%), g1 started; the retry of d0-1 goes first and takes one of the two slots.
-    assert [(a.device_id, a.attempt) for a in deploys(actions)] == [("d0-1", 2), ("d1-0", 1)]
-
-
-# --- telemetry gates ---------------------------------------------------------------------------
-
-GATES = Gates(max_latency_ratio=1.2, min_accuracy=0.9, max_error_rate=0.05,
-              latency_min_samples=100, accuracy_min_samples=100, error_min_samples=100,
-              timeout_s=600)
-
-
-def soaking(cfg: RolloutConfig) -> RolloutSnapshot:
-    snapshot, _ = run(rollout(2, 2, cfg=cfg), Start(now=0))
-    snapshot = report(snapshot, ids(0, 2), CS.SUCCEEDED, 1)
-    snapshot, _ = run(snapshot, Tick(now=10))
-    assert states(snapshot) == [G.SOAKING, G.PENDING] and snapshot.groups[0].soak_started_at == 10
-    return snapshot
-
-
-def test_gates_wait_for_the_soak_then_pass_and_the_next_group_starts() -> None:
-    snapshot = soaking(config(soak_s=300, gates=GATES))
-    snapshot = msgspec.structs.replace(snapshot, telemetry=metrics_for(ids(0, 2)))
-
-    soon, actions = run(snapshot, Tick(now=309))
-    assert states(soon) == [G.SOAKING, G.PENDING] and not actions
-
-    snapshot, actions = run(snapshot, Tick(now=310))
-
-    assert states(snapshot) == [G.SUCCEEDED, G.RUNNING]
-    assert [a.device_id for a in deploys(actions)] == ids(1, 2)
-    details = audit(actions, Decision.GROUP_SUCCEEDED).details
-    assert details["p95-latency-ratio.verdict"] == "passed"
-    assert details["p95-latency-ratio.measured"] == 1.0
-    assert details["accuracy-floor.measured"] == 0.99
-    assert details["error-rate.samples"] == 2000
-    assert details["gate_devices"] == 2
-
-
-def test_a_gate_with_too_few_samples_waits_rather_than_passes() -> None:
-    snapshot = soaking(config(gates=GATES))
-    snapshot = msgspec.structs.replace(snapshot, telemetry=metrics_for(["d0-0"], inferences=40,
-                                                                       labelled=40, correct=40))
-
-    snapshot, actions = run(snapshot, Tick(now=20))
-
-    assert states(snapshot) == [G.SOAKING, G.PENDING] and not actions
-
-
-def test_a_gate_that_never_gets_samples_times_out_as_a_failure() -> None:
-    snapshot = soaking(config(soak_s=60, gates=GATES))   # no telemetry at all
-
-    waiting, _ = run(snapshot, Tick(now=10 + 60 + 599))
-    assert waiting.state is R.RUNNING
-
-    snapshot, actions = run(snapshot, Tick(now=10 + 60 + 600))
-
-    assert snapshot.state is R.PAUSED and snapshot.paused_by is PauseCause.GATE_FAILED
-    assert states(snapshot) == [G.FAILED, G.PENDING]
-    details = audit(actions, Decision.GATES_TIMED_OUT).details
-    assert details["error-rate.verdict"] == "waiting" and details["error-rate.samples"] == 0
-
-
-def test_a_failing_gate_pauses_and_resume_soaks_the_group_again() -> None:
-    snapshot = soaking(config(soak_s=60, gates=GATES))
-    slow = metrics_for(ids(0, 2), after_p95=15.0)
-    snapshot = msgspec.structs.replace(snapshot, telemetry=slow)
-
-    snapshot, actions = run(snapshot, Tick(now=70))
-
-    assert snapshot.state is R.PAUSED and snapshot.paused_by is PauseCause.GATE_FAILED
-    assert states(snapshot) == [G.FAILED, G.PENDING]
-    details = audit(actions, Decision.GATES_FAILED).details
-    assert (details["p95-latency-ratio.verdict"], details["p95-latency-ratio.measured"],
-            details["p95-latency-ratio.threshold"]) == ("failed", 1.5, 1.2)
-    assert details["on_gate_failure"] == "pause"
-    assert not [a for a in actions if isinstance(a, RollbackDevice)]
-
-    resumed, _ = run(snapshot, Resume(now=100))
-    assert states(resumed) == [G.SOAKING, G.PENDING]
-    assert resumed.groups[0].soak_started_at == 100
-
-    fixed = msgspec.structs.replace(resumed, telemetry=metrics_for(ids(0, 2)))
-    fixed, actions = run(fixed, Tick(now=160))
-    assert states(fixed) == [G.SUCCEEDED, G.RUNNING]
-
-
-def test_a_failing_gate_under_rollback_rolls_the_group_back_and_fails_the_rollout() -> None:
-    cfg = config(success_threshold_percent=50, error_threshold_percent=100, gates=GATES,
-                 on_gate_failure=OnGateFailure.ROLLBACK)
-    snapshot, _ = run(rollout(3, 2, cfg=cfg), Start(now=0))
-    snapshot = report(snapshot, ids(0, 2), CS.SUCCEEDED, 1)  # d0-2 is still installing
-    bad = metrics_for(ids(0, 2), errors=500)
-    snapshot, _ = run(msgspec.structs.replace(snapshot, telemetry=bad), Tick(now=10))
-
-    assert snapshot.state is R.FAILED
-    assert states(snapshot) == [G.FAILED, G.CANCELLED]
-    assert [(d.state, d.command_id) for d in snapshot.groups[0].devices.values()] == [
-        (D.ROLLING_BACK, f"r1:d0-{i}:rollback:1") for i in range(3)]
-    assert {d.state for d in snapshot.groups[1].devices.values()} == {D.CANCELLED}
-
-    snapshot = report(snapshot, ["d0-0"], CS.SUCCEEDED, 11)
-    snapshot = report(snapshot, ["d0-1"], CS.FAILED, 11)
-    assert [device(snapshot, d).state for d in ids(0, 2)] == [D.ROLLED_BACK, D.ROLLBACK_FAILED]
-
-
-def test_rollback_actions_name_each_device_and_the_reason() -> None:
-    cfg = config(gates=GATES, on_gate_failure=OnGateFailure.ROLLBACK)
-    snapshot = soaking(cfg)
-    snapshot = msgspec.structs.replace(snapshot, telemetry=metrics_for(ids(0, 2), correct=50))
-
-    _, actions = run(snapshot, Tick(now=20))
-
-    rollbacks = [a for a in actions if isinstance(a, RollbackDevice)]
-    assert [(a.device_id, a.command_id, a.group) for a in rollbacks] == [
-        ("d0-0", "r1:d0-0:rollback:1", 0), ("d0-1", "r1:d0-1:rollback:1", 0)]
-    assert all("telemetry gate failed" in a.reason for a in rollbacks)
-    assert audit(actions, Decision.ROLLBACK_STARTED).details["devices"] == 2
-    assert audit(actions, Decision.GATES_FAILED).details["accuracy-floor.measured"] == 0.5
-
-
-def test_a_soaking_group_still_pauses_on_the_error_threshold() -> None:
-    cfg = config(success_threshold_percent=50, error_threshold_percent=25, soak_s=600)
-    snapshot, _ = run(rollout(4, 1, cfg=cfg), Start(now=0))
-    snapshot = report(snapshot, ids(0, 2), CS.SUCCEEDED, 1)
-    snapshot, _ = run(snapshot, Tick(now=2))
-    assert states(snapshot) == [G.SOAKING, G.PENDING]
-
-    snapshot = report(snapshot, ids(0, 2, first=2), CS.FAILED, 3)
-    snapshot, _ = run(snapshot, Tick(now=700))
-
-    assert snapshot.state is R.PAUSED and states(snapshot) == [G.SOAKING, G.PENDING]
-
-
-# --- operator events ---------------------------------------------------------------------------
-
-def test_a_paused_rollout_starts_nothing_but_records_statuses_and_timeouts() -> None:
-    cfg = config(max_starts_per_minute=1, in_progress_timeout_s=100, max_retries=1,
-                 error_threshold_percent=100)
-    snapshot, _ = run(rollout(3, cfg=cfg), Start(now=0), Pause(now=1, reason="lunch"))
-    assert snapshot.paused_by is PauseCause.OPERATOR and snapshot.reason == "lunch"
-
-    snapshot, actions = run(snapshot, Tick(now=100))
-
-    assert not deploys(actions)
-    assert device(snapshot, "d0-0").state is D.PENDING        # timed out, retry waits
-    snapshot, actions = run(snapshot, Resume(now=101))
-    assert [(a.device_id, a.attempt) for a in deploys(actions)] == [("d0-0", 2)]
-
-
-def test_resume_after_an_error_pause_counts_only_new_failures() -> None:
-    cfg = config(success_threshold_percent=50, error_threshold_percent=20)
-    snapshot, _ = run(rollout(10, cfg=cfg), Start(now=0))
-    snapshot = report(snapshot, ids(0, 3), CS.FAILED, 1)
-    snapshot, _ = run(snapshot, Tick(now=2))
-    assert snapshot.state is R.PAUSED
-
-    snapshot, actions = run(snapshot, Resume(now=3))
-    assert snapshot.state is R.RUNNING and snapshot.groups[0].acknowledged_failures == 3
-    assert audit(actions, Decision.ROLLOUT_RESUMED).details == {
-        "paused_by": "error-threshold", "acknowledged_failures": 3}
-
-    snapshot = report(snapshot, ids(0, 2, first=3), CS.FAILED, 4)   # 2 new of 10: not > 20%
-    snapshot, _ = run(snapshot, Tick(now=5))
-    assert snapshot.state is R.RUNNING
-    snapshot = report(snapshot, ["d0-5"], CS.FAILED, 6)
-    snapshot, _ = run(snapshot, Tick(now=7))
-    assert snapshot.state is R.PAUSED
-
-
-def test_abort_cancels_what_never_started_and_keeps_recording_what_is_in_flight() -> None:
-    snapshot, _ = run(rollout(2, 2, cfg=config(max_starts_per_minute=1)), Start(now=0))
-
-    snapshot, actions = run(snapshot, Abort(now=5, reason="wrong model"))
-
-    assert snapshot.state is R.ABORTED and snapshot.reason == "wrong model"
-    assert states(snapshot) == [G.CANCELLED, G.CANCELLED]
-    assert [device(snapshot, d).state for d in ("d0-0", "d0-1", "d1-0")] == [
-        D.IN_PROGRESS, D.CANCELLED, D.CANCELLED]
-    assert audit(actions, Decision.ROLLOUT_ABORTED).details == {"reason": "wrong model",
-                                                                "was": "running"}
-    snapshot = report(snapshot, ["d0-0"], CS.SUCCEEDED, 6)
-    assert device(snapshot, "d0-0").state is D.SUCCEEDED
-    assert not run(snapshot, Tick(now=100))[1]
 
 
 # --- idempotence, determinism, restarts --------------------------------------------------------
