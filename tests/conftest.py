@@ -15,7 +15,7 @@ from tests.broker import LoopbackClient, MosquittoBroker, connect_client, find_m
 
 # The agent's end-to-end fixtures (a real agent process beside a real broker).
 pytest_plugins = ["tests.agent_fleet", "tests.db_fixtures", "tests.controlled_fleet",
-                  "tests.secure_fleet"]
+                  "tests.secure_fleet", "tests.cli_fleet"]
 
 MosquittoFactory = Callable[..., MosquittoBroker]
 ClientFactory = Callable[..., LoopbackClient]
