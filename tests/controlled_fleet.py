@@ -60,6 +60,17 @@ class ControlledFleet:
         self.serve.send_signal(signal.SIGKILL)
         self.serve.wait(timeout=10)
 
+    def start_agents(self, devices: dict[str, str], *, keys: Path, topic_root: str) -> None:
+        """One agent process per device id (-> fake root), then waits until every one has
+        registered with its profile."""
+        for device_id, profile in devices.items():
+            config = agent_config(self.tmp / f"{device_id}.toml", device_id=device_id,
+                                  port=self.broker.port, topic_root=topic_root, keys_dir=keys,
+                                  state_dir=self.tmp / f"state-{device_id}", fakeroot=profile)
+            self.agents[device_id] = AgentProcess(config, self.tmp / f"{device_id}.log").start()
+        self.wait(lambda: len(self.query("SELECT id FROM devices WHERE profile IS NOT NULL"))
+                  == len(devices), 30, "every agent registered with its profile")
+
     def stop_processes(self) -> None:
         """Every agent, then serve: what a fixture does when its test ends."""
         for agent in self.agents.values():
@@ -105,14 +116,8 @@ def controlled_fleet(tmp_path: Path, mosquitto: MosquittoBroker) -> Iterator[Con
     keys.mkdir()
     shutil.copy(fleet.home / "keys" / "signing-key.pub.pem", keys / "fleet.pem")
     fleet.start_serve()
-    for index, profile in enumerate(PROFILES):
-        device_id = f"{profile}-{index}"
-        config = agent_config(tmp_path / f"{device_id}.toml", device_id=device_id,
-                              port=mosquitto.port, topic_root=root, keys_dir=keys,
-                              state_dir=tmp_path / f"state-{device_id}", fakeroot=profile)
-        fleet.agents[device_id] = AgentProcess(config, tmp_path / f"{device_id}.log").start()
-    fleet.wait(lambda: len(fleet.query("SELECT id FROM devices WHERE profile IS NOT NULL"))
-               == len(PROFILES), 30, "every agent registered with its profile")
+    fleet.start_agents({f"{profile}-{index}": profile for index, profile in enumerate(PROFILES)},
+                       keys=keys, topic_root=root)
     try:
         yield fleet
     finally:

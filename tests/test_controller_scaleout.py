@@ -25,7 +25,7 @@ from sqlalchemy.engine import make_url
 from controller.db.engine import make_engine
 from controller.settings import load_settings, write_settings
 from edgefleet.contract import Channel, ContractError, TelemetryBatch, TopicSchema, decode
-from tests.agent_harness import ROOT, AgentProcess, agent_config
+from tests.agent_harness import ROOT
 from tests.broker import MosquittoBroker, connect_client
 from tests.controlled_fleet import PROFILES, ControlledFleet
 from tests.test_controller_e2e import QUICK, _deploys_per_device, _roll_out, _versions
@@ -123,18 +123,11 @@ def scaled_fleet(tmp_path: Path, mosquitto: MosquittoBroker, database_url: str
     # Agents start once both controllers subscribed: telemetry sent before that reaches no one.
     fleet.wait(lambda: all(f"Sending SUBACK to {client_id(name)}" in mosquitto.log_text()
                            for name in CONTROLLERS), 30, "both controllers to subscribe")
-    for device_id, profile in DEVICES.items():
-        config = agent_config(tmp_path / f"{device_id}.toml", device_id=device_id,
-                              port=mosquitto.port, topic_root=root, keys_dir=keys,
-                              state_dir=tmp_path / f"state-{device_id}", fakeroot=profile)
-        fleet.agents[device_id] = AgentProcess(config, tmp_path / f"{device_id}.log").start()
-    fleet.wait(lambda: len(fleet.query("SELECT id FROM devices WHERE profile IS NOT NULL"))
-               == len(DEVICES), 30, "every agent registered with its profile")
+    fleet.start_agents(DEVICES, keys=keys, topic_root=root)
     try:
         yield fleet
     finally:
-        for agent in fleet.agents.values():
-            agent.stop()
+        fleet.stop_processes()
         for process in fleet.serves.values():
             if process.poll() is None:
                 process.terminate()
