@@ -171,10 +171,6 @@ def read_list(payload: bytes) -> KeyList:
     return _parse(msgspec.json.decode(payload), "KeyList")
 
 
-def encode_list(key_list: KeyList) -> bytes:
-    return msgspec.json.encode(key_list)
-
-
 def advance(current: KeyList, chain: bytes) -> Advance:
     """Applies every list in the chain newer than `current`, in version order, each checked
     against the list before it. Older lists and the current one are ignored (a retained or
